@@ -1,0 +1,117 @@
+"""``bigmodel`` command line: run, pretrain, transfer, zoo, components.
+
+Recipe problems print one ``recipe error:`` line and exit with status 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+
+from bigmodel import api
+from bigmodel.recipe import RecipeError, resolve, zoo_names, zoo_text
+from bigmodel.train.trainer import NonFiniteLoss
+
+
+def _recipe(args: argparse.Namespace):
+    if args.resume:
+        if args.recipe or args.overrides:
+            raise RecipeError("--resume continues a run exactly as it was: give no recipe or overrides with it")
+        return api.load_recipe(args.resume)
+    return resolve(args.recipe, args.overrides)
+
+
+def _split_recipe_arg(args: argparse.Namespace) -> None:
+    """``bigmodel run optim.lr=1e-3`` has no recipe, only an override."""
+    if args.recipe and "=" in args.recipe:
+        args.overrides.insert(0, args.recipe)
+        args.recipe = None
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    recipe = _recipe(args)
+    result = api.run(recipe, console, transfer=args.command == "run")
+    return 3 if result["pretrain"]["stopped"] else 0
+
+
+def cmd_transfer(args: argparse.Namespace, console: Console) -> int:
+    specs = None
+    if args.task or args.protocol:
+        if not (args.task and args.protocol):
+            raise RecipeError("give both --task and --protocol (or neither, for the recipe's own suite)")
+        from bigmodel.recipe import _transfer
+
+        specs = [_transfer("transfer", {"task": args.task, "protocol": args.protocol})]
+    rows = api.transfer(args.checkpoint, specs, console)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace, console: Console) -> int:
+    if args.name:
+        print(zoo_text(args.name), end="")
+        return 0
+    for name in zoo_names():
+        first = zoo_text(name).splitlines()[0].lstrip("# ")
+        console.print(f"[bold]{name:<20}[/] {first}", highlight=False)
+    return 0
+
+
+def cmd_components(args: argparse.Namespace, console: Console) -> int:
+    import bigmodel.components  # noqa: F401
+    from bigmodel.registry import ARCHITECTURES, DATASETS, OBJECTIVES, PROTOCOLS
+
+    for reg in (ARCHITECTURES, DATASETS, OBJECTIVES, PROTOCOLS):
+        console.print(f"[bold]{reg.kind}s[/]")
+        for name in reg.names():
+            console.print(f"  {name:<14} {reg.describe(name)}", highlight=False)
+    from bigmodel.analysis.compat import matrix_table
+
+    console.print(matrix_table())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bigmodel", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("run", "pretrain, transfer and report (the main job)"), ("pretrain", "pretrain only")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("recipe", nargs="?", help="zoo name or YAML file (default: quickstart)")
+        s.add_argument("overrides", nargs="*", help="section.key=value")
+        s.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its own recipe")
+        s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("transfer", help="score a checkpoint on its recipe's transfer suite or one task")
+    s.add_argument("checkpoint", help="run directory or checkpoint folder")
+    s.add_argument("--task")
+    s.add_argument("--protocol")
+    s.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    s.set_defaults(fn=cmd_transfer)
+    s = sub.add_parser("zoo", help="list built-in recipes, or print one")
+    s.add_argument("name", nargs="?")
+    s.set_defaults(fn=cmd_zoo)
+    s = sub.add_parser("components", help="list registered components and the architecture × objective matrix")
+    s.set_defaults(fn=cmd_components)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if hasattr(args, "overrides"):
+        _split_recipe_arg(args)
+    console = Console()
+    try:
+        return args.fn(args, console)
+    except RecipeError as e:
+        print(f"recipe error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The objective interface (DESIGN.md §2, STYLE.md 4-5).
+
+An objective is an ``nn.Module`` that owns the backbone it trains and its own heads (classifier,
+projector, decoder), declares the backbone capabilities it needs, turns a uint8 batch into the
+views it trains on, and maps views to ``{"loss": ..., **scalars}``. The trainer calls only
+:meth:`Objective.views` and :meth:`Objective.forward`, so it never special-cases an objective.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from bigmodel.architectures.base import Backbone
+from bigmodel.data.base import ImageDataset
+from bigmodel.data.transforms import to_input
+
+
+class Objective(nn.Module):
+    requires: ClassVar[frozenset[str]] = frozenset()  # backbone capabilities, see architectures.base
+    needs_labels: ClassVar[bool] = False
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def setup(self, dataset: ImageDataset) -> None:
+        """Fit data-dependent state before training (e.g. a colour palette); default: nothing."""
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        return to_input(images, self.backbone.image_size, self.backbone.in_chans)
+
+    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """uint8 ``(B, C, H, W)`` → the list of float views this objective trains on."""
+        return [self.to_input(images)]
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,249 @@
+"""Recipes: YAML with sections ``architecture``, ``data``, ``objective``, ``optim``, ``run`` and
+``transfer``, overridden by ``section.key=value`` arguments and validated before anything runs.
+
+Component sections are ``{name, **kwargs}``; the kwargs are checked against the registered
+builder's signature (see :mod:`bigmodel.registry`). Every problem becomes one
+:class:`RecipeError` line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bigmodel.registry import ARCHITECTURES, DATASETS, OBJECTIVES, PROTOCOLS, Registry
+
+SECTIONS = ("architecture", "data", "objective", "optim", "run", "transfer", "tiny")
+
+
+class RecipeError(ValueError):
+    """A recipe problem, phrased as one line for the user."""
+
+
+class OptimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: Annotated[int, Field(ge=1)] = 128
+    accum_steps: Annotated[int, Field(ge=1)] = 1
+    steps: Annotated[int, Field(ge=1)] = 1000
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = "runs/quickstart"
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    checkpoint_every: Annotated[int, Field(ge=1)] = 200
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    log_every: Annotated[int, Field(ge=1)] = 20
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    tiny: bool = False
+    eval_batch_size: Annotated[int, Field(ge=1)] = 256
+
+
+class Component(BaseModel):
+    """A validated ``{name, **kwargs}`` section."""
+
+    name: str
+    kwargs: dict[str, Any] = {}
+
+
+class TransferSpec(BaseModel):
+    task: Component
+    protocol: Component
+
+
+class Recipe(BaseModel):
+    architecture: Component
+    data: Component
+    objective: Component
+    optim: OptimConfig
+    run: RunConfig
+    transfer: list[TransferSpec]
+    raw: dict[str, Any]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def zoo_names() -> list[str]:
+    folder = resources.files("bigmodel") / "recipes"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def zoo_text(name: str) -> str:
+    return (resources.files("bigmodel") / "recipes" / f"{name}.yaml").read_text()
+
+
+def load_raw(source: str | Path | None) -> dict[str, Any]:
+    """The YAML dict of a zoo name, a file path, or the quick-start recipe when ``None``."""
+    source = "quickstart" if source is None else str(source)
+    if source in zoo_names():
+        text = zoo_text(source)
+    elif Path(source).is_file():
+        text = Path(source).read_text()
+    else:
+        raise RecipeError(
+            f"recipe {source!r}: neither a file nor a zoo recipe; zoo: {', '.join(zoo_names())}"
+        )
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {source!r}: not valid YAML ({e})".replace("\n", " ")) from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {source!r}: top level must be a mapping of sections")
+    return raw
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    if "=" not in arg or arg.startswith("="):
+        raise RecipeError(f"override {arg!r}: expected section.key=value, e.g. optim.lr=3e-4")
+    key, value = arg.split("=", 1)
+    return key.split("."), yaml.safe_load(value) if value else ""
+
+
+def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = raw
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            node = node[_index(part, node, where)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, dict | list):
+            raise RecipeError(f"override {'.'.join(path)}: {where} is a value, not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_index(last, node, ".".join(path))] = value
+    else:
+        node[last] = value
+
+
+def _index(part: str, seq: list, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(seq):
+        raise RecipeError(f"override {where}: index must be 0..{len(seq) - 1}")
+    return int(part)
+
+
+def resolve(source: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
+    """Load, override (CLI wins over ``tiny`` which wins over the file) and validate a recipe."""
+    raw = load_raw(source)
+    parsed = [parse_override(o) for o in overrides]
+    for path, value in parsed:
+        apply_override(raw, path, value)
+    if (raw.get("run") or {}).get("tiny") is True:
+        for key, value in (raw.get("tiny") or {}).items():
+            apply_override(raw, str(key).split("."), value)
+        for path, value in parsed:
+            apply_override(raw, path, value)
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> Recipe:
+    import bigmodel.components  # noqa: F401  (fills the registries)
+
+    raw = copy.deepcopy(raw)
+    for key in raw:
+        if key not in SECTIONS:
+            raise RecipeError(f"{key}: unknown section; valid: {', '.join(SECTIONS)}")
+    for key in ("architecture", "data", "objective"):
+        if not isinstance(raw.get(key), dict):
+            raise RecipeError(f"{key}: missing section; it needs at least a name")
+    arch = _component("architecture", raw["architecture"], ARCHITECTURES)
+    data = _component("data", raw["data"], DATASETS)
+    obj = _component("objective", raw["objective"], OBJECTIVES)
+    optim = _model("optim", OptimConfig, raw.get("optim") or {})
+    run = _model("run", RunConfig, raw.get("run") or {})
+    transfer = []
+    specs = raw.get("transfer") or []
+    if not isinstance(specs, list):
+        raise RecipeError("transfer: must be a list of {task, protocol, ...} entries")
+    for i, spec in enumerate(specs):
+        transfer.append(_transfer(f"transfer.{i}", spec))
+    _check_compatible(arch, obj)
+    return Recipe(
+        architecture=arch, data=data, objective=obj, optim=optim, run=run,
+        transfer=transfer, raw=raw,
+    )
+
+
+def _component(section: str, cfg: Any, registry: Registry) -> Component:
+    if not isinstance(cfg, dict) or "name" not in cfg:
+        raise RecipeError(f"{section}: needs a name; valid: {', '.join(registry.names())}")
+    kwargs = {k: v for k, v in cfg.items() if k != "name"}
+    name = cfg["name"]
+    if not isinstance(name, str) or name not in registry:
+        raise RecipeError(
+            f"{section}.name = {name!r}: unknown {registry.kind}; valid: {', '.join(registry.names())}"
+        )
+    try:
+        kwargs = registry.validate(name, kwargs)
+    except ValidationError as e:
+        raise RecipeError(_one_line(section, e, registry.config_model(name))) from None
+    return Component(name=name, kwargs=kwargs)
+
+
+def _model(section: str, model: type[BaseModel], cfg: Any) -> Any:
+    if not isinstance(cfg, dict):
+        raise RecipeError(f"{section}: must be a mapping of keys")
+    try:
+        return model(**cfg)
+    except ValidationError as e:
+        raise RecipeError(_one_line(section, e, model)) from None
+
+
+def _transfer(section: str, spec: Any) -> TransferSpec:
+    if not isinstance(spec, dict) or "task" not in spec or "protocol" not in spec:
+        raise RecipeError(f"{section}: needs task and protocol, e.g. {{task: digits, protocol: linear}}")
+    task = spec["task"]
+    task = {"name": task} if isinstance(task, str) else task
+    protocol = {"name": spec["protocol"], **{k: v for k, v in spec.items() if k not in ("task", "protocol")}}
+    return TransferSpec(
+        task=_component(f"{section}.task", task, DATASETS),
+        protocol=_component(f"{section}.protocol", protocol, PROTOCOLS),
+    )
+
+
+def _check_compatible(arch: Component, obj: Component) -> None:
+    backbone_cls = ARCHITECTURES.get(arch.name)
+    objective_cls = OBJECTIVES.get(obj.name)
+    have = set(getattr(backbone_cls, "capabilities", lambda **_: set())(**arch.kwargs))
+    need = set(getattr(objective_cls, "requires", ()))
+    missing = sorted(need - have)
+    if missing:
+        raise RecipeError(
+            f"objective {obj.name!r} cannot train architecture {arch.name!r}: it needs "
+            f"{', '.join(missing)}, which {arch.name!r} lacks"
+            f"{' with these settings' if arch.kwargs else ''}"
+        )
+
+
+def _one_line(section: str, error: ValidationError, model: type[BaseModel]) -> str:
+    err = error.errors()[0]
+    key = ".".join([section, *(str(p) for p in err["loc"])])
+    if err["type"] == "extra_forbidden":
+        valid = ", ".join(model.model_fields) or "none"
+        return f"{key}: unknown key; valid keys: {valid}"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    return f"{key} = {err.get('input')!r}: {err['msg'].lower()}"

@@ -1,0 +1,100 @@
+"""One small registry per component kind.
+
+A registry maps a name to a builder (a class or function). The builder's signature *is* the
+component's configuration schema: its keyword parameters, with their type hints, defaults and
+``Annotated[..., Field(...)]`` constraints, become a pydantic model that validates the recipe
+section before anything is built. Parameters listed in ``context`` are supplied by the framework
+(for example the backbone an objective trains) and cannot be set from a recipe.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, create_model
+
+
+class Registry:
+    """A name → builder table for one component kind (architecture, dataset, ...)."""
+
+    def __init__(self, kind: str, context: tuple[str, ...] = ()):
+        self.kind = kind
+        self.context = frozenset(context)
+        self._entries: dict[str, Callable[..., Any]] = {}
+        self._models: dict[str, type[BaseModel]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: ``@ARCHITECTURES.register("vit")``."""
+
+        def wrap(builder: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = builder
+            return builder
+
+        return wrap
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._entries:
+            raise KeyError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}")
+        return self._entries[name]
+
+    def config_model(self, name: str) -> type[BaseModel]:
+        """The pydantic model of the recipe keys accepted by ``name`` (built once, cached)."""
+        if name not in self._models:
+            builder = self.get(name)
+            target = builder.__init__ if inspect.isclass(builder) else builder
+            hints = _type_hints(target)
+            fields: dict[str, Any] = {}
+            for p in inspect.signature(target).parameters.values():
+                if p.name in ("self",) or p.name in self.context:
+                    continue
+                if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                    continue
+                annotation = hints.get(p.name, Any)
+                default = ... if p.default is p.empty else p.default
+                fields[p.name] = (annotation, default)
+            self._models[name] = create_model(
+                f"{self.kind}_{name}".replace(":", "_").replace("-", "_"),
+                __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+                **fields,
+            )
+        return self._models[name]
+
+    def validate(self, name: str, cfg: dict[str, Any]) -> dict[str, Any]:
+        """Validate recipe keys for ``name``; returns them with types coerced (pydantic errors)."""
+        model = self.config_model(name)
+        return model(**cfg).model_dump(exclude_unset=True)
+
+    def build(self, name: str, **kwargs: Any) -> Any:
+        return self.get(name)(**kwargs)
+
+    def describe(self, name: str) -> str:
+        """``key=default`` list for ``bigmodel components``."""
+        parts = []
+        for key, field in self.config_model(name).model_fields.items():
+            parts.append(key if field.is_required() else f"{key}={field.default!r}")
+        return ", ".join(parts)
+
+
+def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    import typing
+
+    try:
+        return typing.get_type_hints(fn, include_extras=True)
+    except Exception:  # unresolved forward references: fall back to no hints
+        return {}
+
+
+ARCHITECTURES = Registry("architecture")
+DATASETS = Registry("dataset", context=("split",))
+OBJECTIVES = Registry("objective", context=("backbone", "num_classes"))
+PROTOCOLS = Registry("transfer protocol", context=("pretrained", "task"))
