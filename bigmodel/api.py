@@ -64,8 +64,14 @@ def run(recipe: Recipe, console: Console | None = None, transfer: bool = True) -
     run_dir = prepare_run_dir(recipe)
     console.print(f"[bold]bigmodel run[/] → {run_dir}   {recipe.architecture.name} × {recipe.data.name} × "
                   f"{recipe.objective.name}   ({len(data)} training images)")
+    skipped = getattr(data, "skipped", [])  # unreadable files a dataset left out (imagefolder)
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped)} unreadable files[/] (listed in report.json): "
+                      + "; ".join(f"{p} ({r})" for p, r in skipped[:5]) + (" …" if len(skipped) > 5 else ""))
     summary = pretrain(recipe, run_dir, data, model, console)
     result: dict[str, Any] = {"recipe": recipe.raw, "pretrain": {**summary, "seconds": round(time.perf_counter() - t0, 1)}}
+    if skipped:
+        result["data"] = {"skipped": [{"path": p, "reason": r} for p, r in skipped]}
     if summary["stopped"]:
         return result
     backbone = model.backbone

@@ -1,4 +1,4 @@
-"""``bigmodel`` command line: run, pretrain, transfer, zoo, components.
+"""``bigmodel`` command line: run, pretrain, transfer, zoo, components, data shard.
 
 Recipe problems print one ``recipe error:`` line and exit with status 2 before anything is written.
 """
@@ -75,6 +75,45 @@ def cmd_components(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_data_shard(args: argparse.Namespace, console: Console) -> int:
+    """``bigmodel data shard SRC [key=value ...] DST --size N``: SRC is a registered dataset, or a
+    recipe (zoo name or YAML file) whose ``data`` section is taken; ``key=value`` set that
+    dataset's keys, ``split=train|test`` picks the split."""
+    import yaml
+
+    from bigmodel.data.shards import write_shards
+    from bigmodel.recipe import _component, load_raw
+    from bigmodel.registry import DATASETS
+    from bigmodel.train import build
+
+    if args.size < 1:
+        raise RecipeError(f"data shard: --size must be at least 1, got {args.size}")
+    if len(args.spec) < 2:
+        raise RecipeError("data shard: give SRC [key=value ...] DST, e.g. npz path=mnist.npz split=train shards/mnist")
+    src, options, dst = args.spec[0], args.spec[1:-1], args.spec[-1]
+    if "=" in dst:
+        raise RecipeError(f"data shard: the last argument is the destination folder, got {dst!r}")
+    cfg = {"name": src} if src in DATASETS else dict(load_raw(src).get("data") or {})
+    for opt in options:
+        key, eq, value = opt.partition("=")
+        if not eq or not key:
+            raise RecipeError(f"data shard: {opt!r} is not key=value")
+        cfg[key] = yaml.safe_load(value) if value else ""
+    split = str(cfg.pop("split", "train"))
+    if split not in ("train", "test"):
+        raise RecipeError(f"data.split = {split!r}: must be train or test")
+    spec = _component("data", cfg, DATASETS)
+    try:
+        data = build.dataset(spec, split)
+        index = write_shards(data, dst, split, args.size, {"name": spec.name, **spec.kwargs, "split": split},
+                             force=args.force)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise RecipeError(str(e)) from e
+    console.print(f"wrote {index['num_samples']} {split} samples in {len(index['shards'])} shards to {dst} "
+                  f"(index {dst}/{split}.json)", highlight=False)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bigmodel", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,6 +134,14 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_zoo)
     s = sub.add_parser("components", help="list registered components and the architecture × objective matrix")
     s.set_defaults(fn=cmd_components)
+    s = sub.add_parser("data", help="data tools: data shard")
+    data_sub = s.add_subparsers(dest="data_command", required=True)
+    s = data_sub.add_parser("shard", help="write a registered dataset as WebDataset tar shards")
+    s.add_argument("spec", nargs="+", metavar="SRC [key=value ...] DST",
+                   help="dataset name or recipe, its keys (split=train|test), then the output folder")
+    s.add_argument("--size", type=int, default=10000, help="samples per shard (default 10000)")
+    s.add_argument("--force", action="store_true", help="replace shards of this split already in DST")
+    s.set_defaults(fn=cmd_data_shard)
     return p
 
 

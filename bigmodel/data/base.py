@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 
 class ImageDataset(Dataset):
@@ -78,5 +78,8 @@ def materialize(ds: ImageDataset) -> TensorImages:
     """Decode every item once into memory (for probes and small training sets)."""
     if isinstance(ds, TensorImages):
         return ds
+    if isinstance(ds, IterableDataset):  # streamed (shards): one pass over every sample
+        images, labels = zip(*ds, strict=True)
+        return TensorImages(torch.stack(images), torch.tensor(labels, dtype=torch.long), getattr(ds, "classes", None))
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     return TensorImages(images, ds.labels(), getattr(ds, "classes", None))

@@ -4,14 +4,21 @@ Step ``s`` of a run reads samples ``s·B … (s+1)·B − 1`` of an endless stre
 permutation of the dataset per epoch, each seeded by ``(seed, epoch)``. The data position is
 therefore just the step number: a resumed run reads exactly the batches the uninterrupted run
 would have, with no sampler state to save.
+
+Streamed datasets (``shards``) keep the same contract: they implement
+``step_batches(steps, batch_size, seed, rank, world)``, the batches of any increasing run of steps,
+and :func:`batches` deals the steps to DataLoader workers in the round-robin order the DataLoader
+collects them (worker ``w`` serves steps ``start + w``, ``start + w + workers``, …).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from itertools import count
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
 from bigmodel.data.base import ImageDataset, TensorImages
 
@@ -55,6 +62,9 @@ class StepSampler(Sampler[list[int]]):
 def batches(dataset: ImageDataset, batch_size: int, seed: int, start: int = 0, stop: int | None = None,
             num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(images uint8 (B, C, H, W), labels (B,))`` for each step in ``[start, stop)``."""
+    if hasattr(dataset, "step_batches"):
+        yield from _streamed(dataset, batch_size, seed, start, stop, num_workers)
+        return
     sampler = StepSampler(len(dataset), batch_size, seed, start, stop)
     if isinstance(dataset, TensorImages):  # in memory: index the tensors directly
         for idx in sampler:
@@ -63,5 +73,42 @@ def batches(dataset: ImageDataset, batch_size: int, seed: int, start: int = 0, s
         return
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                         persistent_workers=num_workers > 0)
-    for images, labels in loader:
-        yield images, labels
+    yield from loader
+
+
+class _Steps(IterableDataset):
+    """Steps ``[start, stop)`` of a streamed dataset, split across DataLoader workers."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, start: int, stop: int | None, workers: int,
+                 rank: int, world: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.start, self.stop, self.workers, self.rank, self.world = start, stop, workers, rank, world
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        w, step = (info.id if info else 0), max(1, self.workers)
+        steps = count(self.start + w, step)
+        if self.stop is not None:
+            steps = range(self.start + w, self.stop, step)
+        yield from self.dataset.step_batches(steps, self.batch_size, self.seed, self.rank, self.world)
+
+
+def _streamed(dataset, batch_size: int, seed: int, start: int, stop: int | None,
+              num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    rank, world = rank_world()
+    workers = dataset.workers_for(num_workers) if num_workers else 0
+    steps = _Steps(dataset, batch_size, seed, start, stop, workers, rank, world)
+    if workers == 0:
+        yield from steps
+        return
+    yield from DataLoader(steps, batch_size=None, num_workers=workers)
+
+
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the world size: torch.distributed when initialised, else the
+    ``RANK``/``WORLD_SIZE`` environment variables (set by torchrun), else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

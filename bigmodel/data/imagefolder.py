@@ -1,0 +1,169 @@
+"""A folder of image files, decoded once into memory (DESIGN.md §2, §8).
+
+Layouts:
+
+- ``root/<class>/**/<file>`` — class sub-folders, labelled by the sorted folder names (as
+  torchvision's ``ImageFolder``); files lying directly in ``root`` are ignored;
+- ``root/<file>`` — a flat folder, unlabelled (label ``-1``);
+- ``root/train/…`` and ``root/test/…`` — either layout inside each: ``split`` picks the folder.
+
+Without ``train/`` and ``test/`` folders ``split`` is a fixed, seeded holdout: ``test_fraction`` of
+each class (of the whole folder when flat) is ``test``, the rest ``train``; the same files land
+on the same side on every run and machine.
+
+Every non-hidden file is a candidate. Files that cannot be decoded (truncated images, files that
+are not images) are skipped, counted and listed: logged as warnings and kept as ``(path, reason)``
+pairs in the dataset's ``skipped`` attribute for the run report. When more than
+``max_bad_fraction`` of the candidates are bad the build stops with a message naming the count,
+the fraction and the knob.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import Field
+
+from bigmodel.data.base import TensorImages
+from bigmodel.registry import DATASETS
+
+log = logging.getLogger(__name__)
+
+
+class FolderImages(TensorImages):
+    """:class:`TensorImages` that remembers which files were skipped and why."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str] | None,
+                 skipped: list[tuple[str, str]], candidates: int):
+        super().__init__(images, targets, classes)
+        self.skipped = skipped
+        self.candidates = candidates
+
+
+def _files(folder: Path) -> list[Path]:
+    """Non-hidden regular files under ``folder``, in a stable (sorted) order."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+    return out
+
+
+def _decode(path: Path, mode: str, size: int | None) -> np.ndarray:
+    """One file → uint8 ``(H, W)`` or ``(H, W, 3)``; raises on anything unreadable.
+
+    With ``size`` the shorter side is resized to ``size`` (bicubic, antialiased) and the centre
+    ``size × size`` square is cut out, keeping the aspect ratio.
+    """
+    with Image.open(path) as im:
+        im.load()  # decodes the whole file: truncated data raises here
+        im = im.convert(mode)
+    if size is not None:
+        w, h = im.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im)
+
+
+def _try_decode(path: Path, mode: str, size: int | None) -> np.ndarray | str:
+    try:
+        return _decode(path, mode, size)
+    except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, ValueError, ...)
+        return f"{type(e).__name__}: {e}".replace(str(path), "<file>")
+
+
+def _holdout(n: int, fraction: float, seed: int, key: str) -> torch.Tensor:
+    """Boolean mask of the ``test`` part of ``n`` files: a seeded choice of round(n·fraction)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=g)[: round(n * fraction)]] = True
+    return mask
+
+
+def _listing(folder: Path, split: str, test_fraction: float, seed: int) -> tuple[list[Path], list[int], list[str] | None]:
+    """The files of ``split`` with their labels and the class names (``None`` when flat)."""
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        folder, fraction = folder / split, None
+    else:
+        fraction = test_fraction
+    subdirs = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    groups = [(c, _files(folder / c)) for c in subdirs] if subdirs else [("", _files(folder))]
+    files, labels = [], []
+    for label, (name, group) in enumerate(groups):
+        if fraction is not None and group:
+            test = _holdout(len(group), fraction, seed, name)
+            group = [f for f, t in zip(group, test.tolist(), strict=True) if t == (split == "test")]
+        files += group
+        labels += [label if subdirs else -1] * len(group)
+    return files, labels, subdirs or None
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(
+    root: str,
+    split: Literal["train", "test"] = "train",
+    image_size: Annotated[int, Field(ge=4, le=4096)] | None = None,
+    channels: Literal[1, 3] = 3,
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01,
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2,
+    seed: int = 0,
+    workers: Annotated[int, Field(ge=1)] | None = None,
+) -> FolderImages:
+    """Decode every image of ``root`` (see the module docstring for the layouts) into memory.
+
+    Args:
+        root: the folder.
+        image_size: resize (shorter side) and centre-crop every image to this square; without it
+            all images must already be squares of one size.
+        channels: 1 (grey) or 3 (RGB); every file is converted.
+        max_bad_fraction: stop when more than this fraction of the files cannot be read.
+        test_fraction: share of each class held out as ``test`` when ``root`` has no
+            ``train/``/``test/`` folders.
+        seed: seed of that holdout.
+        workers: decoding threads (default: the CPU count, at most 8).
+    """
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data.root={root!r}: no such folder (expected class sub-folders of images, or a flat folder of images)")
+    files, labels, classes = _listing(folder, split, test_fraction, seed)
+    if not files:
+        raise ValueError(f"data.root={root!r}: no image files found for split {split!r}")
+    mode = "L" if channels == 1 else "RGB"
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
+        decoded = list(pool.map(lambda f: _try_decode(f, mode, image_size), files))
+
+    skipped = [(str(f), d) for f, d in zip(files, decoded, strict=True) if isinstance(d, str)]
+    for path, reason in skipped:
+        log.warning("imagefolder: skipped %s (%s)", path, reason)
+    if len(skipped) > max_bad_fraction * len(files):
+        first = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
+        raise ValueError(
+            f"imagefolder {root!r}: {len(skipped)} of {len(files)} files ({100 * len(skipped) / len(files):.1f}%) "
+            f"could not be read, more than data.max_bad_fraction={max_bad_fraction} allows; fix or remove them, "
+            f"or raise data.max_bad_fraction. First: {first}")
+
+    good = [(d, y, f) for d, y, f in zip(decoded, labels, files, strict=True) if not isinstance(d, str)]
+    if not good:
+        raise ValueError(f"imagefolder {root!r}: none of the {len(files)} files could be read")
+    shapes = {d.shape[:2] for d, _, _ in good}
+    if len(shapes) > 1 or next(iter(shapes))[0] != next(iter(shapes))[1]:
+        examples = {d.shape[:2]: f for d, _, f in good}
+        shown = ", ".join(f"{f.name} {h}x{w}" for (h, w), f in list(examples.items())[:3])
+        raise ValueError(f"imagefolder {root!r}: images are not squares of one size ({shown}); "
+                         f"set data.image_size to resize and centre-crop them")
+    x = np.stack([d for d, _, _ in good])
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    y = torch.tensor([lab for _, lab, _ in good], dtype=torch.long)
+    return FolderImages(torch.from_numpy(np.ascontiguousarray(x)), y, classes, skipped, len(files))

@@ -1,0 +1,98 @@
+"""imagefolder: layouts, splits, resizing, and unreadable files skipped, counted, listed — or stopping the build."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bigmodel.data.imagefolder import imagefolder
+from bigmodel.registry import DATASETS
+
+
+def _png(path: Path, value: int, size: tuple[int, int] = (16, 16), mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(value)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    arr[0, 0] = value  # a pixel that identifies the image
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+@pytest.fixture
+def messy(tmp_path: Path) -> Path:
+    """Two classes of 8 good images each, plus a truncated PNG, a text file and a text file named .jpg."""
+    root = tmp_path / "messy"
+    for c, name in enumerate(("cat", "dog")):
+        for i in range(8):
+            _png(root / name / f"{i}.png", 10 * c + i)
+    data = _png(root / "cat" / "zz_truncated.png", 99)
+    (root / "cat" / "zz_truncated.png").write_bytes(data[: len(data) // 2])
+    (root / "dog" / "notes.txt").write_text("not an image")
+    (root / "dog" / "fake.jpg").write_text("not a jpeg either")
+    (root / "dog" / ".DS_Store").write_text("hidden files are not candidates")
+    return root
+
+
+def test_bad_files_are_skipped_counted_and_listed(messy: Path, caplog):
+    with caplog.at_level("WARNING"):
+        ds = imagefolder(str(messy), max_bad_fraction=0.2, test_fraction=0.0)
+    assert len(ds) == 16 and ds.candidates == 19
+    assert ds.classes == ["cat", "dog"] and ds.num_classes == 2
+    assert ds.labels().tolist() == [0] * 8 + [1] * 8
+    bad = {Path(p).name: reason for p, reason in ds.skipped}
+    assert set(bad) == {"zz_truncated.png", "notes.txt", "fake.jpg"}
+    assert "truncated" in bad["zz_truncated.png"].lower()
+    for name in bad:  # each one is in the log, with its path
+        assert any(name in rec.getMessage() for rec in caplog.records)
+    assert ds.images.shape == (16, 3, 16, 16)
+
+
+def test_threshold_stops_the_build_with_a_clear_message(messy: Path):
+    with pytest.raises(ValueError) as err:
+        imagefolder(str(messy), test_fraction=0.0)  # default max_bad_fraction=0.01
+    msg = str(err.value)
+    assert "3 of 19 files" in msg and "15.8%" in msg and "data.max_bad_fraction=0.01" in msg
+
+
+def test_flat_folder_is_unlabelled_grey_and_resized(tmp_path: Path):
+    for i in range(5):
+        _png(tmp_path / f"img{i}.png", i, size=(20, 12))  # not square: needs image_size
+    with pytest.raises(ValueError, match="image_size"):
+        imagefolder(str(tmp_path), test_fraction=0.0)
+    ds = imagefolder(str(tmp_path), image_size=8, channels=1, test_fraction=0.0)
+    assert ds.images.shape == (5, 1, 8, 8) and ds.num_classes == 0
+    assert ds.labels().tolist() == [-1] * 5
+
+
+def test_train_and_test_folders_are_the_splits(tmp_path: Path):
+    for split, n in (("train", 3), ("test", 2)):
+        for c in ("a", "b"):
+            for i in range(n):
+                _png(tmp_path / split / c / f"{i}.png", i)
+    assert len(imagefolder(str(tmp_path), split="train")) == 6
+    assert len(imagefolder(str(tmp_path), split="test")) == 4
+
+
+def test_holdout_split_is_disjoint_stratified_and_repeatable(tmp_path: Path):
+    for c in ("a", "b"):
+        for i in range(10):
+            _png(tmp_path / c / f"{i}.png", 20 * (c == "b") + i)
+    train = imagefolder(str(tmp_path), split="train", test_fraction=0.3)
+    test = imagefolder(str(tmp_path), split="test", test_fraction=0.3)
+    assert test.labels().tolist() == [0, 0, 0, 1, 1, 1] and len(train) == 14
+    ids = lambda ds: set(ds.images[:, 0, 0, 0].tolist())  # noqa: E731
+    assert ids(train).isdisjoint(ids(test)) and len(ids(train) | ids(test)) == 20
+    assert ids(imagefolder(str(tmp_path), split="test", test_fraction=0.3)) == ids(test)
+
+
+def test_recipe_schema_and_missing_root():
+    assert {"root", "image_size", "channels", "max_bad_fraction"} <= set(DATASETS.config_model("imagefolder").model_fields)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        imagefolder("/nonexistent/folder")
