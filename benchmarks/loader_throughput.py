@@ -10,8 +10,9 @@ normalised float batch ``(B, 3, 32, 32)`` ready for the model, in the same proce
 - batched: bigmodel.data.loader.batches (in-memory tensors indexed directly) and the vectorised
   transforms of bigmodel.data.transforms on the whole batch, in the main process.
 
-Two augmentation families: RandomResizedCrop + flip, and pad-4 random crop + flip. Prints images/s
-and the ratio batched / PIL.
+Two augmentation families: RandomResizedCrop + flip, and pad-4 random crop + flip. The batched
+side is measured with 1 and with 2 intra-op threads (on a busy shared machine two threads can be
+slower than one). Prints images/s and the ratios batched / PIL.
 """
 
 from __future__ import annotations
@@ -77,13 +78,15 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the PIL pipeline")
+    p.add_argument("--threads", default="1,2", help="intra-op threads of the batched side, comma-separated")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     with np.load(args.data) as f:
         x, y = f["x_train"], f["y_train"]
     data = from_numpy(x, y)
+    threads = [int(t) for t in args.threads.split(",")]
     print(f"CIFAR-10 train: {len(x)} images 32x32, batch {args.batch_size}, {args.epochs} epochs per measure; "
-          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, PIL with {args.workers} workers")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; PIL with {args.workers} DataLoader workers")
     cases = {
         "random resized crop + flip": (
             T.RandomResizedCrop(32, antialias=True),
@@ -95,11 +98,15 @@ def main() -> None:
     rows = []
     for name, (pil_t, batched_t) in cases.items():
         pil = pil_rate(x, y, pil_t, args.batch_size, args.epochs, args.workers)
-        ours = batched_rate(data, batched_t, args.batch_size, args.epochs)
-        rows.append({"augmentation": name, "pil_images_per_s": round(pil), "batched_images_per_s": round(ours),
-                     "ratio": round(ours / pil, 2)})
-        print(f"{name:<28} PIL per-image {pil:>9,.0f} img/s   batched {ours:>9,.0f} img/s   ratio {ours / pil:5.2f}x",
-              flush=True)
+        row = {"augmentation": name, "pil_images_per_s": round(pil)}
+        line = f"{name:<28} PIL per-image {pil:>8,.0f} img/s"
+        for n in threads:
+            torch.set_num_threads(n)
+            ours = batched_rate(data, batched_t, args.batch_size, args.epochs)
+            row[f"batched_{n}thread_images_per_s"], row[f"ratio_{n}thread"] = round(ours), round(ours / pil, 2)
+            line += f" | batched ({n} thread{'s' if n > 1 else ''}) {ours:>8,.0f} img/s = {ours / pil:5.2f}x"
+        rows.append(row)
+        print(line, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

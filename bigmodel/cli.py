@@ -136,9 +136,13 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_components)
     s = sub.add_parser("data", help="data tools: data shard")
     data_sub = s.add_subparsers(dest="data_command", required=True)
-    s = data_sub.add_parser("shard", help="write a registered dataset as WebDataset tar shards")
-    s.add_argument("spec", nargs="+", metavar="SRC [key=value ...] DST",
-                   help="dataset name or recipe, its keys (split=train|test), then the output folder")
+    s = data_sub.add_parser("shard", help="write a registered dataset as WebDataset tar shards",
+                            usage="bigmodel data shard SRC [key=value ...] DST [--size N] [--force]",
+                            epilog="e.g. bigmodel data shard npz path=../shared/data/mnist.npz split=train "
+                                   "shards/mnist --size 10000")
+    s.add_argument("spec", nargs="+", metavar="ARG",
+                   help="SRC (a dataset name, or a recipe whose data section is used), its key=value "
+                        "settings (split=train|test picks the split), then DST, the output folder")
     s.add_argument("--size", type=int, default=10000, help="samples per shard (default 10000)")
     s.add_argument("--force", action="store_true", help="replace shards of this split already in DST")
     s.set_defaults(fn=cmd_data_shard)

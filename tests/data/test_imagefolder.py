@@ -96,3 +96,30 @@ def test_recipe_schema_and_missing_root():
     assert {"root", "image_size", "channels", "max_bad_fraction"} <= set(DATASETS.config_model("imagefolder").model_fields)
     with pytest.raises(FileNotFoundError, match="no such folder"):
         imagefolder("/nonexistent/folder")
+
+
+def test_run_lists_skipped_files_in_its_report(messy: Path, tmp_path: Path):
+    import json
+
+    import torch
+    from rich.console import Console
+
+    from bigmodel import api
+    from bigmodel.recipe import validate
+
+    recipe = validate({
+        "architecture": {"name": "vit", "size": "nano", "image_size": 8, "patch_size": 4, "in_chans": 3},
+        "data": {"name": "imagefolder", "root": str(messy), "image_size": 8, "max_bad_fraction": 0.2,
+                 "test_fraction": 0.0},
+        "objective": {"name": "supervised"},
+        "optim": {"batch_size": 4, "steps": 1, "warmup_steps": 0},
+        "run": {"out": str(tmp_path / "run")}})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: one thread is much faster on the busy shared CPUs
+    try:
+        result = api.run(recipe, Console(quiet=True), transfer=False)
+    finally:
+        torch.set_num_threads(threads)
+    listed = json.loads((tmp_path / "run" / "report.json").read_text())["data"]["skipped"]
+    assert {Path(s["path"]).name for s in listed} == {"zz_truncated.png", "notes.txt", "fake.jpg"}
+    assert result["data"]["skipped"] == listed
