@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bigmodel.registry import ARCHITECTURES, DATASETS, OBJECTIVES, PROTOCOLS, Registry
 
@@ -39,6 +39,12 @@ class OptimConfig(BaseModel):
     warmup_steps: Annotated[int, Field(ge=0)] = 100
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+
+    @model_validator(mode="after")
+    def _micro_batches_divide(self) -> OptimConfig:
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        return self
 
 
 class RunConfig(BaseModel):
@@ -246,4 +252,7 @@ def _one_line(section: str, error: ValidationError, model: type[BaseModel]) -> s
         return f"{key}: unknown key; valid keys: {valid}"
     if err["type"] == "missing":
         return f"{key}: required key is missing"
-    return f"{key} = {err.get('input')!r}: {err['msg'].lower()}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a rule across keys of the section
+        return f"{key}: {msg}"
+    return f"{key} = {err.get('input')!r}: {msg[0].lower() + msg[1:]}"

@@ -55,7 +55,8 @@ def save(folder: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync(folder)
-    for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
+    complete = [p for p in sorted(folder.glob(f"{PREFIX}*")) if (p / "meta.json").is_file()]
+    for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -33,7 +33,7 @@ def train_step(model: Objective, opt: torch.optim.Optimizer, views: list[torch.T
                cfg: OptimConfig, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Forward/backward over ``accum_steps`` micro-batches, clip, step. Returns detached scalars."""
     totals: dict[str, torch.Tensor] = {}
-    chunks = zip(*(v.chunk(cfg.accum_steps) for v in views), labels.chunk(cfg.accum_steps))
+    chunks = zip(*(v.chunk(cfg.accum_steps) for v in views), labels.chunk(cfg.accum_steps), strict=True)
     for *micro, y in chunks:
         with torch.autocast(micro[0].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = model(list(micro), y)

@@ -1,0 +1,42 @@
+"""Registry-wide checks, parametrized over every registered component."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bigmodel.components  # noqa: F401
+from bigmodel.registry import ARCHITECTURES, OBJECTIVES, PROTOCOLS, Registry
+
+# The smallest settings of each architecture (the defaults are used for anything not listed).
+TINY = {
+    "vit": {"size": "nano", "image_size": 16, "patch_size": 4},
+    "resnet": {"depth": 18, "width": 0.25, "image_size": 16},
+    "lstm": {"image_size": 16, "patch_size": 4, "hidden": 32, "layers": 1},
+    "igpt": {"size": "tiny", "image_size": 8},
+}
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES.names())
+def test_backbone_interface(name: str) -> None:
+    kwargs = TINY.get(name, {})
+    net = ARCHITECTURES.build(name, **ARCHITECTURES.validate(name, kwargs))
+    x = torch.randn(2, net.in_chans, net.image_size, net.image_size)
+    feats = net.forward_features(x)
+    assert feats.ndim in (3, 4)
+    pooled = net.pool(feats)
+    assert pooled.shape == (2, net.feature_dim)
+    assert torch.equal(net.eval()(x), net.pool(net.forward_features(x)))
+    assert isinstance(type(net).capabilities(**kwargs), set)
+
+
+@pytest.mark.parametrize("registry", [ARCHITECTURES, OBJECTIVES, PROTOCOLS], ids=lambda r: r.kind)
+def test_every_entry_has_a_schema_and_docs(registry: Registry) -> None:
+    for name in registry.names():
+        registry.config_model(name)  # every signature turns into a validator
+        assert registry.get(name).__doc__, f"{registry.kind} {name} has no docstring"
+
+
+def test_unknown_name_lists_valid_ones() -> None:
+    with pytest.raises(KeyError, match="valid: .*vit"):
+        ARCHITECTURES.get("vitt")
