@@ -17,7 +17,10 @@ function of the task's size, so it is testable and recorded with the result:
   with random horizontal flips, and test on the whole image resized to ``image_size``.
 
 Every value can be overridden by a protocol key; ``steps`` or ``schedule_scale`` shorten the
-whole schedule proportionally (warm-up and decay points included) for tests and CPU runs.
+whole schedule proportionally (warm-up and decay points included) for tests and CPU runs. In
+schedules much shorter than BiT's the crop augmentation slows fitting (measured on 2k MNIST images,
+100 steps of 64, ViT micro patch 8: 27.7 % with the rule's crops, 51.1 % with ``resize`` = the
+backbone's image size, i.e. no crop); ``resize`` and ``flip`` turn it off.
 """
 
 from __future__ import annotations
@@ -106,7 +109,10 @@ def hyperrule(num_train_examples: int, batch_size: int = BASE_BATCH, image_size:
 
 
 class Classifier(nn.Module):
-    """A fine-tuned backbone with its task head: uint8 images → logits ``(B, num_classes)``."""
+    """A fine-tuned backbone with its task head: normalised images → logits ``(B, num_classes)``.
+    After :meth:`Finetune.fit`, ``train_loss`` is the mean training loss of the last tenth of steps."""
+
+    train_loss: float | None = None
 
     def __init__(self, backbone: Backbone, num_classes: int):
         super().__init__()
@@ -208,6 +214,7 @@ class Finetune(Protocol):
             model = Classifier(copy.deepcopy(backbone), train.num_classes).to(dev).train()
             opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
             rng = np.random.default_rng(seed)
+            tail = []  # losses of the last tenth of training, summed up without a host sync per step
             for step, (images, labels) in enumerate(batches(train, s.batch_size, seed, 0, s.steps)):
                 for group in opt.param_groups:
                     group["lr"] = s.lr_at(step)
@@ -226,11 +233,14 @@ class Finetune(Protocol):
                     loss = lam * loss + (1 - lam) * F.cross_entropy(logits, labels[perm])
                 if (step % 100 == 0 or step == s.steps - 1) and not math.isfinite(loss.item()):  # rare host sync
                     raise FloatingPointError(f"finetune: loss became {loss.item()} at step {step} (try a lower lr)")
+                if step >= s.steps - max(1, s.steps // 10):
+                    tail.append(loss.detach())
                 loss.backward()
                 if self.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+        model.train_loss = torch.stack(tail).mean().item()
         return model.eval(), s
 
     @torch.inference_mode()
@@ -249,7 +259,8 @@ class Finetune(Protocol):
     def run(self, backbone: Backbone, train: TensorImages, test: TensorImages) -> dict[str, Any]:
         model, s = self.fit(backbone, train)
         pred = self.predict_proba(model, test).argmax(1)
-        return {"top1": 100.0 * (pred == test.targets).float().mean().item(), "schedule": s.as_dict()}
+        return {"top1": 100.0 * (pred == test.targets).float().mean().item(), "train_loss": model.train_loss,
+                "schedule": s.as_dict()}
 
 
 def _autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:

@@ -77,6 +77,7 @@ def test_finetune_learns_quickly_is_deterministic_and_leaves_the_backbone(tiny_m
     result = protocol.run(net, train, test)
     assert result["top1"] > 40.0  # chance: 10 %
     assert result["schedule"]["steps"] == 50 and result["schedule"]["regime"] == "small"
+    assert 0 < result["train_loss"] < 2.3
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert protocol.run(net, train, test)["top1"] == result["top1"]
 
