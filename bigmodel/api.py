@@ -7,6 +7,7 @@ happens before the run directory is touched.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from bigmodel.analysis import report
 from bigmodel.recipe import Recipe, RecipeError, validate
 from bigmodel.train import build, checkpoint
 from bigmodel.train.trainer import pretrain
-from bigmodel.transfer.suite import PIXELS, run_suite, table
+from bigmodel.transfer import suites
+from bigmodel.transfer.suite import PIXELS, provenance, run_suite, table, write_report
 
 
 def prepare_run_dir(recipe: Recipe) -> Path:
@@ -84,6 +86,9 @@ def run(recipe: Recipe, console: Console | None = None, transfer: bool = True) -
         rows = run_suite(recipe.transfer, subjects, recipe.run.eval_batch_size,
                          build.autocast_dtype(recipe.run, build.device(recipe.run)), console)
         result["transfer"] = rows
+        result["transfer_provenance"] = provenance(
+            checkpoint.latest(run_dir / "checkpoints"), summary["steps_done"],
+            build.autocast_dtype(recipe.run, build.device(recipe.run)), str(build.device(recipe.run)))
         result["transfer_seconds"] = round(time.perf_counter() - t1, 1)
         console.print(table(rows))
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -92,18 +97,81 @@ def run(recipe: Recipe, console: Console | None = None, transfer: bool = True) -
     return result
 
 
-def transfer(ckpt: str | Path, specs: list | None = None, console: Console | None = None) -> list[dict[str, Any]]:
-    """Score a checkpoint (a run directory or a checkpoint folder) on transfer specs
-    (default: its recipe's transfer section)."""
-    console = console or Console()
+def load_backbone(ckpt: str | Path) -> tuple[Any, Path, Recipe]:
+    """The pretrained backbone of a checkpoint (a run directory or a checkpoint folder), on the
+    run's device; returns ``(backbone, checkpoint folder, recipe)``."""
     found = checkpoint.latest(Path(ckpt))
     if found is None:
         raise FileNotFoundError(f"{ckpt}: no complete checkpoint (expected a run directory or checkpoints/step_*)")
     recipe = validate(checkpoint.load_meta(found)["recipe"])
     net = build.backbone(recipe.architecture)
     checkpoint.load_weights(found, net, prefix="backbone.")
+    return net.to(build.device(recipe.run)), found, recipe
+
+
+def run_dir_of(ckpt_folder: Path) -> Path:
+    """The run directory holding a checkpoint folder (``RUN/checkpoints/step_*``)."""
+    return ckpt_folder.parent.parent if ckpt_folder.parent.name == "checkpoints" else ckpt_folder.parent
+
+
+def transfer(ckpt: str | Path, specs: list | None = None, console: Console | None = None, *,
+             suite: str | None = None, sets: list[str] | tuple[str, ...] = (), name: str | None = None) -> list[dict[str, Any]]:
+    """Score a checkpoint (a run directory or a checkpoint folder) on transfer specs: ``specs``
+    (validated specs or raw ``{task, protocol, ...}`` entries), else the suite ``suite`` (a
+    built-in name or a YAML file), else its recipe's transfer section; ``sets`` are ``KEY=VALUE``
+    adjustments (see :mod:`bigmodel.transfer.suites`). Writes the rows with their provenance to
+    ``RUN_DIR/transfer/<name>.json`` and returns the rows."""
+    console = console or Console()
+    net, found, recipe = load_backbone(ckpt)
+    if specs is None:
+        entries = suites.load_suite(suite) if suite else (recipe.raw.get("transfer") or [])
+        name = name or (Path(suite).stem if suite else "recipe")
+        specs = suites.specs(entries, sets)
+    elif all(isinstance(s, dict) for s in specs):
+        name = name or (f"{suites.entry_name(specs[0])}-{specs[0]['protocol']}" if len(specs) == 1 else "custom")
+        specs = suites.specs(specs, sets)
+    elif sets:
+        raise ValueError("sets apply to raw entries or suites, not to validated specs")
     dev = build.device(recipe.run)
-    rows = run_suite(specs if specs is not None else recipe.transfer, {"pretrained": net.to(dev)},
-                     recipe.run.eval_batch_size, build.autocast_dtype(recipe.run, dev), console)
+    dtype = build.autocast_dtype(recipe.run, dev)
+    rows = run_suite(specs, {"pretrained": net}, recipe.run.eval_batch_size, dtype, console)
     console.print(table(rows))
+    prov = provenance(found, checkpoint.load_meta(found)["step"], dtype, str(dev), suite=name, sets=list(sets),
+                      architecture=recipe.raw["architecture"])
+    path = write_report(run_dir_of(found) / "transfer" / f"{name or 'transfer'}.json", rows, prov)
+    console.print(f"transfer report: {path}")
     return rows
+
+
+def ensemble(ckpts: list[str | Path], task: str | dict[str, Any], sets: list[str] | tuple[str, ...] = (),
+             console: Console | None = None, out: str | Path | None = None) -> dict[str, Any]:
+    """Fine-tune each checkpoint's backbone on ``task`` (a dataset name, an ``.npz`` path or a task
+    section) and score the mean-probability ensemble against each member; ``sets`` adjust the
+    task (``task.KEY=VALUE``) and the finetune protocol (``KEY=VALUE``). Writes JSON to ``out``."""
+    from bigmodel.data.base import materialize
+    from bigmodel.registry import DATASETS, PROTOCOLS
+    from bigmodel.transfer import ensemble as ens
+
+    console = console or Console()
+    task = suites.task_entry(task) if isinstance(task, str) else task
+    spec = suites.specs([{"task": task, "protocol": "finetune"}], sets)[0]
+    protocol = PROTOCOLS.build("finetune", **spec.protocol.kwargs)
+    train, test = (materialize(DATASETS.build(spec.task.name, split=s, **spec.task.kwargs)) for s in ("train", "test"))
+    members, steps = [], []
+    for ckpt in ckpts:
+        net, found, _ = load_backbone(ckpt)
+        members.append((str(ckpt), net))
+        steps.append(checkpoint.load_meta(found)["step"])
+    result = ens.ensemble(members, train, test, protocol, console)
+    result = {"task": spec.task.name, "task_settings": spec.task.kwargs, **result}
+    for member, step in zip(result["members"], steps, strict=True):
+        member["step"] = step
+    result["provenance"] = provenance(device=str(next(members[0][1].parameters()).device), sets=list(sets),
+                                      checkpoints=[str(c) for c in ckpts])
+    console.print(ens.table(result))
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, default=str))
+        console.print(f"ensemble report: {out}")
+    return result

@@ -1,4 +1,4 @@
-"""``bigmodel`` command line: run, pretrain, transfer, zoo, components, data shard.
+"""``bigmodel`` command line: run, pretrain, transfer, ensemble, zoo, components, data shard.
 
 Recipe problems print one ``recipe error:`` line and exit with status 2 before anything is written.
 """
@@ -6,6 +6,7 @@ Recipe problems print one ``recipe error:`` line and exit with status 2 before a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -37,17 +38,37 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 3 if result["pretrain"]["stopped"] else 0
 
 
+@contextlib.contextmanager
+def _as_recipe_errors():
+    """A missing checkpoint or data file, or a task a protocol cannot serve: one line, status 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, RecipeError):
+            raise
+        raise RecipeError(str(e).splitlines()[0]) from e
+
+
 def cmd_transfer(args: argparse.Namespace, console: Console) -> int:
     specs = None
     if args.task or args.protocol:
-        if not (args.task and args.protocol):
-            raise RecipeError("give both --task and --protocol (or neither, for the recipe's own suite)")
-        from bigmodel.recipe import _transfer
+        if not (args.task and args.protocol) or args.suite:
+            raise RecipeError("give --task and --protocol together, or --suite NAME, or neither (the recipe's own suite)")
+        from bigmodel.transfer.suites import task_entry
 
-        specs = [_transfer("transfer", {"task": args.task, "protocol": args.protocol})]
-    rows = api.transfer(args.checkpoint, specs, console)
+        specs = [{"task": task_entry(args.task), "protocol": args.protocol}]
+    with _as_recipe_errors():
+        rows = api.transfer(args.checkpoint, specs, console, suite=args.suite, sets=args.set)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace, console: Console) -> int:
+    with _as_recipe_errors():
+        result = api.ensemble(args.checkpoints, args.task, args.set, console, out=args.out)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
     return 0
 
 
@@ -125,10 +146,21 @@ def parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=cmd_run)
     s = sub.add_parser("transfer", help="score a checkpoint on its recipe's transfer suite or one task")
     s.add_argument("checkpoint", help="run directory or checkpoint folder")
-    s.add_argument("--task")
-    s.add_argument("--protocol")
+    s.add_argument("--suite", help="built-in suite name (digits, mnist, cifar10) or suite YAML file")
+    s.add_argument("--task", help="dataset name or path to an .npz file")
+    s.add_argument("--protocol", help="linear, knn, fewshot or finetune")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="protocol key (steps=50), task key (task.limit=500) or one entry's (3.steps=50); repeatable")
     s.add_argument("--json", action="store_true", help="also print the rows as JSON")
     s.set_defaults(fn=cmd_transfer)
+    s = sub.add_parser("ensemble", help="fine-tune several checkpoints on a task and score their mean-probability ensemble")
+    s.add_argument("checkpoints", nargs="+", help="run directories or checkpoint folders (one member each)")
+    s.add_argument("--task", required=True, help="dataset name or path to an .npz file")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="finetune key (steps=50) or task key (task.limit=500); repeatable")
+    s.add_argument("--out", help="also write the result as JSON to this file")
+    s.add_argument("--json", action="store_true", help="also print the result as JSON")
+    s.set_defaults(fn=cmd_ensemble)
     s = sub.add_parser("zoo", help="list built-in recipes, or print one")
     s.add_argument("name", nargs="?")
     s.set_defaults(fn=cmd_zoo)

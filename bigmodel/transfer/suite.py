@@ -1,9 +1,20 @@
 """A transfer suite: (task, protocol) pairs scored for several subjects — the pretrained backbone,
-its randomly initialised twin and raw pixels — with the settings behind every number."""
+its randomly initialised twin and raw pixels — with the settings behind every number.
+
+Evaluation provenance: each row carries the task and its settings, the protocol and its settings,
+n_train/n_test, and per subject the result (with whatever the protocol chose for the task, e.g. the
+fine-tuning schedule); :func:`provenance` adds the checkpoint, its step, the precision and the
+library versions, and :func:`write_report` stores all of it as JSON.
+"""
 
 from __future__ import annotations
 
+import datetime
+import json
+import platform
 import time
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,10 +64,41 @@ def run_suite(specs: list[TransferSpec], subjects: dict[str, Backbone | None], b
                 res = protocol.fit_score(feats[key][0], train.targets, feats[key][1], test.targets)
             res["seconds"] = round(time.perf_counter() - t0, 2)
             row["results"][subject] = res
-            console.print(f"  {spec.task.name} · {spec.protocol.name} · {subject}: top-1 {res['top1']:.2f}%",
+            console.print(f"  {task_label(row)} · {protocol_label(row)} · {subject}: top-1 {cell(res)}%",
                           highlight=False)
         rows.append(row)
     return rows
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, bigmodel and the libraries a number depends on."""
+    import bigmodel
+
+    out = {"python": platform.python_version(), "bigmodel": bigmodel.__version__}
+    for dist in ("torch", "torchvision", "timm", "scikit-learn", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "absent"
+    return out
+
+
+def provenance(checkpoint: str | Path | None = None, step: int | None = None,
+               dtype: torch.dtype | None = None, device: str | None = None, **extra: Any) -> dict[str, Any]:
+    """What a transfer table was computed from, beyond the rows' own settings."""
+    return {"checkpoint": None if checkpoint is None else str(checkpoint), "step": step,
+            "feature_precision": str(dtype or torch.float32).replace("torch.", ""), "device": device,
+            "versions": versions(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **extra}
+
+
+def write_report(path: Path, rows: list[dict[str, Any]], prov: dict[str, Any]) -> Path:
+    """Write ``{"provenance": ..., "transfer": rows}`` atomically to ``path`` (JSON)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"provenance": prov, "transfer": rows}, indent=1, default=str))
+    tmp.replace(path)
+    return path
 
 
 def table(rows: list[dict[str, Any]], title: str = "transfer (top-1 %, test split)") -> Table:
@@ -67,6 +109,24 @@ def table(rows: list[dict[str, Any]], title: str = "transfer (top-1 %, test spli
     for s in subjects:
         t.add_column(s, justify="right")
     for r in rows:
-        cells = [f"{r['results'][s]['top1']:.2f}" if s in r["results"] else "–" for s in subjects]
-        t.add_row(r["task"], r["protocol"], *cells)
+        cells = [cell(r["results"][s]) if s in r["results"] else "–" for s in subjects]
+        t.add_row(task_label(r), protocol_label(r), *cells)
     return t
+
+
+def cell(result: dict[str, Any]) -> str:
+    """``top1`` as text, ``± std`` where the protocol reports one (few-shot over seeds)."""
+    std = result.get("top1_std")
+    return f"{result['top1']:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def task_label(row: dict[str, Any]) -> str:
+    path = row["task_settings"].get("path")
+    return Path(str(path)).stem if path else row["task"]
+
+
+def protocol_label(row: dict[str, Any]) -> str:
+    """The protocol, with the setting its top1 depends on most (few-shot: the primary shot count)."""
+    if row["protocol"] == "fewshot":
+        return f"fewshot ({row['settings']['primary']}-shot)"
+    return row["protocol"]

@@ -1,0 +1,59 @@
+"""fewshot: exactly k images per class, reproducible per seed; mean ± std over seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bigmodel.registry import PROTOCOLS
+from bigmodel.transfer.fewshot import FewShot, sample_shots
+
+
+def _labels() -> torch.Tensor:
+    return torch.tensor([c for c in range(5) for _ in range(8 + c)])[torch.randperm(50, generator=torch.Generator().manual_seed(1))]
+
+
+@pytest.mark.parametrize("k", [1, 5, 8])
+def test_sampling_is_exact_per_class(k):
+    y = _labels()
+    idx = sample_shots(y, k, seed=0)
+    assert len(idx) == len(set(idx.tolist())) == 5 * k
+    assert torch.bincount(y[idx], minlength=5).tolist() == [k] * 5
+
+
+def test_sampling_is_reproducible_per_seed_and_nested():
+    y = _labels()
+    assert torch.equal(sample_shots(y, 5, seed=3), sample_shots(y, 5, seed=3))
+    assert not torch.equal(sample_shots(y, 5, seed=3), sample_shots(y, 5, seed=4))
+    assert set(sample_shots(y, 1, seed=3).tolist()) <= set(sample_shots(y, 5, seed=3).tolist())
+
+
+def test_too_few_images_for_k_shots_is_an_error():
+    with pytest.raises(ValueError, match="class 0 has 8 training images"):
+        sample_shots(_labels(), 9, seed=0)
+
+
+@pytest.mark.parametrize("classifier", ["logistic", "ridge"])
+def test_fit_score_reports_every_shot_and_the_primary(classifier):
+    g = torch.Generator().manual_seed(0)
+    centers = 3 * torch.randn(4, 16, generator=g)
+    y_tr, y_te = torch.arange(4).repeat(30), torch.arange(4).repeat(10)
+    x_tr = centers[y_tr] + torch.randn(120, 16, generator=g)
+    x_te = centers[y_te] + torch.randn(40, 16, generator=g)
+    protocol = PROTOCOLS.build("fewshot", **PROTOCOLS.validate("fewshot", {"shots": [5, 1], "seeds": 3,
+                                                                           "classifier": classifier}))
+    res = protocol.fit_score(x_tr, y_tr, x_te, y_te)
+    assert set(res["per_shot"]) == {1, 5} and res["primary_shots"] == 5
+    for k in (1, 5):
+        runs = res["per_shot"][k]["runs"]
+        assert len(runs) == 3
+        assert res["per_shot"][k]["mean"] == pytest.approx(sum(runs) / 3)
+    assert res["top1"] == res["per_shot"][5]["mean"] and res["top1"] > 80.0
+    assert res == protocol.fit_score(x_tr, y_tr, x_te, y_te)  # same seeds, same draws
+
+
+def test_settings_validate():
+    assert FewShot(seeds=[7, 9]).seeds == [7, 9]
+    assert FewShot(shots=[1, 5], primary=1).primary == 1
+    with pytest.raises(ValueError, match="primary"):
+        FewShot(shots=[1, 5], primary=10)
