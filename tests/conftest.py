@@ -11,7 +11,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BIGMODEL_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tests run tiny models, where a second thread buys little, and on a busy 2-core machine two
+# OpenMP threads can run tens of times slower than one: every test (and CLI subprocess) uses one.
+torch.set_num_threads(1)
 
 
 def shared_file(name: str) -> Path:

@@ -19,6 +19,6 @@ def cli(*args: str, cwd: Path | None = None, timeout: float = 300, **popen) -> s
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    e.setdefault("OMP_NUM_THREADS", "2")
+    e["OMP_NUM_THREADS"] = "1"  # as tests/conftest.py
     e["COLUMNS"] = "120"
     return e

@@ -126,16 +126,8 @@ def test_cli_data_shard_round_trips_a_dataset(tmp_path: Path):
     assert cli.main(["data", "shard", "digits", "bogus=1", str(dst)]) == 2
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run ~20× faster on one thread than on two when the shared CPUs are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-def test_a_killed_pretraining_run_resumes_exactly_on_shards(corpus: Path, tmp_path: Path, one_thread):
+def test_a_killed_pretraining_run_resumes_exactly_on_shards(corpus: Path, tmp_path: Path):
     """The trainer's data position (the step in the checkpoint) is all a streamed run needs: a run
     resumed from its step-3 checkpoint ends with the weights of the uninterrupted run."""
     def run(out: Path, workers: int) -> dict[str, torch.Tensor]:

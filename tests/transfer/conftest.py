@@ -1,5 +1,4 @@
-"""Fixtures of the transfer tests: one thread (two OpenMP threads on a busy 2-core machine run
-tens of times slower than one), a tiny pretrained checkpoint, and a tiny MLP backbone that learns
+"""Fixtures of the transfer tests: a tiny pretrained checkpoint, and a tiny MLP backbone that learns
 in a few SGD steps."""
 
 from __future__ import annotations
@@ -11,14 +10,6 @@ from torch import nn
 from bigmodel.architectures.base import Backbone
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A run directory of ``bigmodel run quickstart run.tiny=true`` at 16² pixels, with a one-line
@@ -26,13 +17,10 @@ def tiny_run(tmp_path_factory):
     from bigmodel import api
     from bigmodel.recipe import resolve
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("transfer") / "qs"
     recipe = resolve("quickstart", ["run.tiny=true", f"run.out={out}", "architecture.image_size=16",
                                     "data.image_size=16", "transfer=[{task: digits, protocol: knn, k: 5}]"])
     api.run(recipe)
-    torch.set_num_threads(before)
     return out
 
 
