@@ -107,6 +107,8 @@ class Fractals(ImageDataset):
         seed: the systems and images derive from it.
         perturb: relative perturbation of the maps between images of a class.
         points: chaos-game points per image.
+        flip: random horizontal and vertical flips of the attractor (FractalDB's augmentation);
+            turn off when the downstream task is not flip-invariant (digits: 6 vs 9).
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class Fractals(ImageDataset):
         seed: int = 0,
         perturb: Annotated[float, Field(ge=0, le=0.5)] = 0.08,
         points: Annotated[int, Field(ge=500)] = 6000,
+        flip: bool = True,
         split: Literal["train", "test"] = "train",
     ):
         self.num_classes = classes
@@ -127,6 +130,7 @@ class Fractals(ImageDataset):
         self.seed = seed
         self.perturb = perturb
         self.points = points
+        self.flip = flip
         self.split = split
         self.classes = [f"ifs{c}" for c in range(classes)]
         self._cache: dict[int, torch.Tensor] = {}
@@ -144,7 +148,7 @@ class Fractals(ImageDataset):
         b = b[None] * (1 + rng.uniform(-self.perturb, self.perturb, size=(m, *b.shape)))
         A = A / np.maximum(1.0, np.linalg.norm(A, ord=2, axis=(-2, -1)) / 0.98)[..., None, None]
         img = render(A, b, self.image_size, rng, self.points, jitter=True)
-        flips = rng.random((m, 2)) < 0.5
+        flips = (rng.random((m, 2)) < 0.5) & self.flip
         img[flips[:, 0]] = img[flips[:, 0], :, ::-1]
         img[flips[:, 1]] = img[flips[:, 1], ::-1, :]
         img = img[:, None].astype(np.float32)

@@ -1,5 +1,9 @@
 """Weighted cosine k-nearest-neighbours on frozen features (Wu et al., 2018; as in DINO):
-each of the k most similar training images votes for its class with weight exp(sim / T)."""
+each of the k most similar training images votes for its class with weight exp(sim / T).
+
+Features are centred on the training mean before the cosine (SimpleShot's "CL2N", Wang et al.,
+2019): pooled transformer features share a large common component that otherwise makes every
+pair look alike (on digits it moves a fractal-pretrained ViT's kNN from ~50% to ~74%)."""
 
 from __future__ import annotations
 
@@ -33,13 +37,19 @@ class KNN(Protocol):
     """Args:
     k: neighbours.
     temperature: softness of the similarity weights.
+    center: subtract the training features' mean before the cosine.
     """
 
-    def __init__(self, k: Annotated[int, Field(ge=1)] = 20, temperature: Annotated[float, Field(gt=0)] = 0.07):
+    def __init__(self, k: Annotated[int, Field(ge=1)] = 20, temperature: Annotated[float, Field(gt=0)] = 0.07,
+                 center: bool = True):
         self.k = k
         self.temperature = temperature
+        self.center = center
 
     def fit_score(self, x_train, y_train, x_test, y_test) -> dict[str, float]:
+        if self.center:
+            mean = x_train.mean(0)
+            x_train, x_test = x_train - mean, x_test - mean
         num_classes = int(max(y_train.max(), y_test.max())) + 1
         pred = knn_predict(x_train, y_train, x_test, self.k, self.temperature, num_classes).argmax(1)
         return {"top1": 100.0 * (pred == y_test).float().mean().item()}
