@@ -1,0 +1,101 @@
+"""BiT ResNet-V2 (Kolesnikov et al., 2020, arXiv:1912.11370) on timm's ResNetV2.
+
+Pre-activation residual blocks (He et al., 2016, arXiv:1603.05027) in which every convolution is
+weight-standardised (``StdConv2d``; Qiao et al., 2019, arXiv:1903.10520) and every norm is a
+GroupNorm (``GroupNormAct``; Wu & He, 2018): no batch statistics, so the backbone behaves the same
+at any batch size, in training and in evaluation. timm supplies the stages, blocks and layers; this
+file adds the backbone interface, the named depths, a float width multiplier and a stem for small
+images.
+
+Stems. BiT's ImageNet stem (7x7 stride-2 conv + 3x3 stride-2 max-pool) divides the resolution by 4
+before the first block, leaving a 28 px digit 7x7 pixels wide at stage 1 and 1x1 at the end. For
+small inputs (``image_size <= 64`` under ``stem="auto"``) the stem is one 3x3 stride-1 standardised
+conv with no pooling, as in the CIFAR ResNets; stages 2-4 then halve the map (28 → 28, 14, 7, 4).
+``stem_stride=2`` makes that conv stride 2, a quarter of the compute for a CPU budget (28 → 14, 7,
+4, 2), still far gentler than BiT's stem.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from functools import partial
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import Field
+from timm.layers import GroupNormAct, StdConv2d, make_divisible
+from timm.models.resnetv2 import ResNetV2
+from torch import nn
+
+from bigmodel.architectures.base import Backbone
+from bigmodel.registry import ARCHITECTURES
+
+# depth → (blocks per stage, stage widths at width 1, bottleneck blocks?)
+DEPTHS: dict[int, tuple[tuple[int, ...], tuple[int, ...], bool]] = {
+    18: ((2, 2, 2, 2), (64, 128, 256, 512), False),
+    26: ((2, 2, 2, 2), (256, 512, 1024, 2048), True),
+    50: ((3, 4, 6, 3), (256, 512, 1024, 2048), True),
+}
+SMALL_IMAGE = 64  # `stem="auto"` takes the small-image stem up to this input side
+
+
+def _group_norm(num_channels: int, groups: int = 32, **kwargs: Any) -> GroupNormAct:
+    """GroupNorm(+ReLU) with ``groups`` groups, fewer when the width does not divide (narrow nets)."""
+    return GroupNormAct(num_channels, num_groups=math.gcd(groups, num_channels), **kwargs)
+
+
+@ARCHITECTURES.register("resnet")
+class ResNet(Backbone):
+    """BiT ResNet-V2 backbone: GroupNorm + weight-standardised convolutions.
+
+    Args:
+        depth: 18 (basic blocks), 26 or 50 (bottleneck blocks).
+        width: channel multiplier (BiT's ``x1``, ``x3``...; below 1 for CPU-sized nets); widths
+            are rounded to multiples of 8.
+        image_size: input side in pixels.
+        in_chans: input channels (1 for grey, 3 for RGB).
+        stem: ``small`` (one 3x3 conv, no pooling), ``bit`` (7x7 stride-2 conv + max-pool), or
+            ``auto`` (``small`` when ``image_size <= 64``).
+        stem_stride: stride of the ``small`` stem's conv (1, or 2 to save compute).
+        groups: GroupNorm groups (32 in BiT).
+        drop_path: stochastic depth rate.
+    """
+
+    def __init__(
+        self,
+        depth: Literal[18, 26, 50] = 18,
+        width: Annotated[float, Field(gt=0, le=8)] = 1.0,
+        image_size: Annotated[int, Field(ge=8)] = 32,
+        in_chans: Annotated[int, Field(ge=1)] = 3,
+        stem: Literal["auto", "small", "bit"] = "auto",
+        stem_stride: Literal[1, 2] = 1,
+        groups: Annotated[int, Field(ge=1)] = 32,
+        drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0,
+    ):
+        super().__init__()
+        layers, channels, bottleneck = DEPTHS[depth]
+        conv = partial(StdConv2d, eps=1e-8)  # BiT's epsilon
+        norm = partial(_group_norm, groups=groups)
+        stem_chs = make_divisible(64 * width)
+        self.net = ResNetV2(
+            layers=list(layers), channels=tuple(make_divisible(c * width) for c in channels),
+            num_classes=0, in_chans=in_chans, stem_chs=stem_chs, stem_type="fixed",  # BiT's stem
+            basic=not bottleneck, bottle_ratio=0.25 if bottleneck else 1.0,
+            conv_layer=conv, norm_layer=norm, drop_path_rate=drop_path,
+        )
+        if stem == "small" or (stem == "auto" and image_size <= SMALL_IMAGE):
+            self.net.stem = nn.Sequential(OrderedDict(conv=conv(in_chans, stem_chs, kernel_size=3, stride=stem_stride)))
+            nn.init.kaiming_normal_(self.net.stem.conv.weight, mode="fan_out", nonlinearity="relu")
+        self.feature_dim = self.net.num_features
+        self.in_chans = in_chans
+        self.image_size = image_size
+        self.depth = depth
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` → pre-activated final map ``(B, feature_dim, H', W')`` (GroupNorm + ReLU)."""
+        return self.net.forward_features(x)
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """Global average pooling → ``(B, feature_dim)``."""
+        return features.mean((2, 3))
