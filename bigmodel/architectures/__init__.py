@@ -1,6 +1,6 @@
 """Backbones, one file per family; importing the package registers them."""
 
-from bigmodel.architectures import vit  # noqa: F401
+from bigmodel.architectures import igpt, lstm, vit  # noqa: F401
 from bigmodel.architectures.base import Backbone
 
 __all__ = ["Backbone"]
