@@ -81,7 +81,7 @@ def run(recipe: Recipe, console: Console | None = None, transfer: bool = True) -
                        "forward_gflops_per_image": round(report.forward_gflops(backbone), 4)}
     if transfer and recipe.transfer:
         t1 = time.perf_counter()
-        subjects = {"pretrained": backbone, "random_init": build.random_twin(recipe).to(build.device(recipe.run)),
+        subjects = {"pretrained": backbone, "random_init": build.random_twin(recipe, data).to(build.device(recipe.run)),
                     PIXELS: None}
         rows = run_suite(recipe.transfer, subjects, recipe.run.eval_batch_size,
                          build.autocast_dtype(recipe.run, build.device(recipe.run)), console)

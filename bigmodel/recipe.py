@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -248,7 +248,7 @@ def _one_line(section: str, error: ValidationError, model: type[BaseModel]) -> s
     err = error.errors()[0]
     key = ".".join([section, *(str(p) for p in err["loc"])])
     if err["type"] == "extra_forbidden":
-        valid = ", ".join(model.model_fields) or "none"
+        valid = ", ".join(_nested(model, err["loc"][:-1]).model_fields) or "none"
         return f"{key}: unknown key; valid keys: {valid}"
     if err["type"] == "missing":
         return f"{key}: required key is missing"
@@ -256,3 +256,15 @@ def _one_line(section: str, error: ValidationError, model: type[BaseModel]) -> s
     if not err["loc"]:  # a rule across keys of the section
         return f"{key}: {msg}"
     return f"{key} = {err.get('input')!r}: {msg[0].lower() + msg[1:]}"
+
+
+def _nested(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The model of a nested mapping (e.g. ``architecture.moe``) that ``loc`` points into."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        subs = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not subs:
+            break
+        model = subs[0]
+    return model

@@ -7,14 +7,19 @@ transfer protocols, never here, so any backbone composes with any compatible obj
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 # Capabilities an objective may require (see Objective.requires).
-TOKENS = "tokens"  # patch tokens (B, N, D) with a token-dropping path (needed by MAE)
-CAUSAL = "causal"  # autoregressive over a token sequence (needed by next-pixel prediction)
+# TOKENS: patch tokens with a token-dropping path (needed by MAE): ``patch_size``, ``num_patches``
+# and ``forward_visible(x, ids_keep) -> (B, 1 + K, D)``, see ViT.
+TOKENS = "tokens"
+# CAUSAL: a causal model of pixel-token sequences (needed by next-pixel prediction): the
+# SequenceModel interface of bigmodel.architectures.sequence.
+CAUSAL = "causal"
 
 
 class Backbone(nn.Module):
@@ -43,3 +48,37 @@ class Backbone(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # Auxiliary losses (e.g. the load-balancing loss of mixture-of-experts layers). A submodule that
+    # has one subclasses AuxLossSource; while recording is on (an objective's forward turns it on,
+    # see Objective), it keeps one term per forward pass, so an objective that runs the backbone on
+    # several views collects all of them. Recording is off otherwise: inference and feature
+    # extraction keep no graph alive.
+
+    def _aux_sources(self) -> Iterator[AuxLossSource]:
+        return (m for m in self.modules() if isinstance(m, AuxLossSource))
+
+    def record_aux_loss(self, on: bool) -> None:
+        """Clear recorded auxiliary losses and turn recording on or off."""
+        for m in self._aux_sources():
+            m.aux_terms.clear()
+            m.recording = on
+
+    def aux_loss(self) -> torch.Tensor | float:
+        """Sum of the auxiliary losses recorded since recording was turned on (already weighted
+        by their module), a scalar tensor; ``0.0`` when the backbone has none."""
+        terms = [t for m in self._aux_sources() for t in m.aux_terms]
+        return torch.stack(terms).sum() if terms else 0.0
+
+
+class AuxLossSource(nn.Module):
+    """A module that adds an auxiliary loss term per forward pass while ``recording``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recording = False
+        self.aux_terms: list[torch.Tensor] = []
+
+    def record(self, loss: torch.Tensor) -> None:
+        if self.recording:
+            self.aux_terms.append(loss.float())

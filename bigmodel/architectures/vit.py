@@ -1,8 +1,10 @@
 """Vision Transformer (Dosovitskiy et al., 2021, arXiv:2010.11929) on timm's VisionTransformer.
 
 timm supplies patch embedding, pre-norm blocks with GELU MLPs and fused SDPA attention; this file
-adds the backbone interface and the named sizes. Features are the class token after the final
-norm; ``pool`` returns it.
+adds the backbone interface, the named sizes, the token-dropping path of masked autoencoders
+(:meth:`ViT.forward_visible`) and optional mixture-of-experts MLPs (``moe``, see
+:mod:`bigmodel.architectures.moe`). Features are the class token after the final norm; ``pool``
+returns it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 
 from bigmodel.architectures.base import TOKENS, Backbone
+from bigmodel.architectures.moe import MoEConfig, make_sparse
 from bigmodel.registry import ARCHITECTURES
 
 # width, depth, heads. `nano` and `micro` are CPU-sized members of the same family.
@@ -37,6 +40,8 @@ class ViT(Backbone):
         patch_size: patch side; ``image_size`` must be divisible by it.
         in_chans: input channels (1 for grey, 3 for RGB).
         drop_path: stochastic depth rate.
+        moe: mixture-of-experts settings (``experts``, ``top_k``, ``every``, ``capacity_factor``,
+            ``aux_weight``); ``None`` keeps every MLP dense.
     """
 
     provides = frozenset({TOKENS})
@@ -48,6 +53,7 @@ class ViT(Backbone):
         patch_size: Annotated[int, Field(ge=1)] = 4,
         in_chans: Annotated[int, Field(ge=1)] = 3,
         drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0,
+        moe: MoEConfig | None = None,
     ):
         super().__init__()
         if image_size % patch_size:
@@ -65,10 +71,35 @@ class ViT(Backbone):
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_patches = (image_size // patch_size) ** 2
+        self.moe_blocks: list[int] = []
+        if moe is not None:
+            moe = MoEConfig.model_validate(moe)
+            self.moe_blocks = make_sparse(self.vit.blocks, moe)
+            if not self.moe_blocks:
+                raise ValueError(f"architecture.moe.every={moe.every} exceeds the depth ({depth}): no MoE block")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` → tokens ``(B, 1 + N, D)`` (class token first), normed."""
         return self.vit.forward_features(x)
+
+    def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encode only some patch tokens (the MAE encoder).
+
+        Args:
+            x: images ``(B, C, H, W)``.
+            ids_keep: ``(B, K)`` indices in ``[0, num_patches)`` of the patches to keep, per sample
+                (row-major patch order).
+
+        Returns:
+            ``(B, 1 + K, D)``: the class token, then the kept tokens in ``ids_keep`` order, normed.
+            Each kept token carries its own position embedding; dropped ones are never computed.
+        """
+        v = self.vit
+        tokens = v.patch_embed(x) + v.pos_embed[:, 1:]  # (B, N, D)
+        tokens = tokens.gather(1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))
+        cls = (v.cls_token + v.pos_embed[:, :1]).expand(len(x), -1, -1)
+        tokens = v.norm_pre(v.pos_drop(torch.cat([cls, tokens], 1)))
+        return v.norm(v.blocks(tokens))
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return features[:, 0]

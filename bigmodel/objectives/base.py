@@ -4,11 +4,16 @@ An objective is an ``nn.Module`` that owns the backbone it trains and its own he
 projector, decoder), declares the backbone capabilities it needs, turns a uint8 batch into the
 views it trains on, and maps views to ``{"loss": ..., **scalars}``. The trainer calls only
 :meth:`Objective.views` and :meth:`Objective.forward`, so it never special-cases an objective.
+
+Auxiliary losses of the backbone (mixture-of-experts load balancing, see
+:meth:`Backbone.aux_loss`) are added here for every objective: hooks around ``forward`` record them
+during the call and add their sum to ``loss`` (reported as ``aux_loss``). Their weight belongs to
+the module that defines them (e.g. ``architecture.moe.aux_weight``).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +30,8 @@ class Objective(nn.Module):
     def __init__(self, backbone: Backbone):
         super().__init__()
         self.backbone = backbone
+        self.register_forward_pre_hook(_start_aux_loss)
+        self.register_forward_hook(_add_aux_loss)
 
     def setup(self, dataset: ImageDataset) -> None:
         """Fit data-dependent state before training (e.g. a colour palette); default: nothing."""
@@ -38,3 +45,15 @@ class Objective(nn.Module):
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+def _start_aux_loss(objective: Objective, args: Any) -> None:
+    objective.backbone.record_aux_loss(True)
+
+
+def _add_aux_loss(objective: Objective, args: Any, out: Any) -> Any:
+    aux = objective.backbone.aux_loss()
+    objective.backbone.record_aux_loss(False)
+    if isinstance(aux, torch.Tensor) and isinstance(out, dict) and "loss" in out:
+        out = {**out, "loss": out["loss"] + aux, "aux_loss": aux.detach()}
+    return out

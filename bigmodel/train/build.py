@@ -70,7 +70,14 @@ def experiment(recipe: Recipe) -> tuple[ImageDataset, Objective]:
     return data, objective(recipe, net, data)
 
 
-def random_twin(recipe: Recipe) -> Backbone:
-    """The backbone exactly as pretraining started it: same recipe, same seed, no training."""
+def random_twin(recipe: Recipe, data: ImageDataset | None = None) -> Backbone:
+    """The backbone exactly as pretraining started it: same recipe, same seed, no training.
+
+    With ``data`` (the pretraining set), the objective's ``setup`` runs on it too, so that
+    data-dependent state fitted before training (e.g. ImageGPT's colour palette) is the same.
+    """
     torch.manual_seed(recipe.run.seed)
-    return backbone(recipe.architecture)
+    net = backbone(recipe.architecture)
+    if data is not None:
+        objective(recipe, net, data).setup(data)
+    return net

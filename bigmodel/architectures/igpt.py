@@ -1,0 +1,100 @@
+"""ImageGPT (Chen et al., 2020, "Generative Pretraining from Pixels").
+
+A decoder-only transformer over the raster sequence of colour-cluster tokens: token and position
+embeddings, a learned start token in front (the sequence is shifted right by one), pre-norm
+blocks with GELU MLPs (timm's ``Block``) whose attention is SDPA with ``is_causal=True`` — no
+mask is ever materialised — and a final LayerNorm. The palette (k-means colours, see
+:mod:`bigmodel.architectures.sequence`) is a buffer, saved and restored with the weights.
+
+Features for transfer (``forward``): the image is quantised to the palette inside the backbone,
+run through the first ``feature_layer`` blocks, layer-normalised (no affine) and averaged over
+positions. iGPT found linear probes best on middle layers of its generative models, so
+``feature_layer`` defaults to the middle block (``depth // 2``); ``feature_layer = depth`` probes
+the final layer.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from timm.models.vision_transformer import Block, init_weights_vit_timm
+from torch import nn
+
+from bigmodel.architectures.base import CAUSAL
+from bigmodel.architectures.sequence import Palette, SequenceModel
+from bigmodel.registry import ARCHITECTURES
+
+# width, depth, heads: CPU-sized members of the family (iGPT-S is 512, 24, 8).
+SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (128, 4, 4),
+    "small": (256, 8, 8),
+}
+
+
+@ARCHITECTURES.register("igpt")
+class IGPT(SequenceModel):
+    """ImageGPT backbone.
+
+    Args:
+        size: one of ``SIZES`` (width, depth, heads).
+        image_size: input side in pixels; the sequence has ``image_size²`` tokens.
+        in_chans: input channels (1 for grey, 3 for RGB).
+        colours: palette size (the vocabulary).
+        feature_layer: blocks run for the pooled features (``None``: ``depth // 2``).
+    """
+
+    provides = frozenset({CAUSAL})
+
+    def __init__(
+        self,
+        size: Literal["tiny", "small"] = "tiny",
+        image_size: Annotated[int, Field(ge=2)] = 16,
+        in_chans: Annotated[int, Field(ge=1)] = 1,
+        colours: Annotated[int, Field(ge=2)] = 16,
+        feature_layer: Annotated[int, Field(ge=1)] | None = None,
+    ):
+        super().__init__()
+        width, depth, heads = SIZES[size]
+        feature_layer = depth // 2 if feature_layer is None else feature_layer
+        if feature_layer > depth:
+            raise ValueError(f"architecture.feature_layer={feature_layer} exceeds the depth ({depth})")
+        self.palette = Palette(colours, in_chans)
+        self.token_embed = nn.Embedding(colours, width)
+        self.start_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, image_size**2, width))
+        self.blocks = nn.ModuleList(Block(width, heads, qkv_bias=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        for block in self.blocks:
+            block.apply(init_weights_vit_timm)  # truncated normal(0.02) linears, as GPT-2 and timm
+        for p in (self.token_embed.weight, self.start_token, self.pos_embed):
+            nn.init.normal_(p, std=0.02)
+        self.feature_dim = self.token_dim = width
+        self.in_chans = in_chans
+        self.image_size = image_size
+        self.feature_layer = feature_layer
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` → shifted inputs ``(B, T, D)``: start token, then tokens ``0 … T-2``."""
+        x = self.token_embed(tokens[:, :-1])
+        x = torch.cat([self.start_token.expand(len(tokens), -1, -1), x], 1)
+        return x + self.pos_embed[:, : x.shape[1]]
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` → final normed hidden states ``(B, T, D)``; position t has seen tokens < t."""
+        x = self._embed(tokens)
+        for block in self.blocks:
+            x = block(x, is_causal=True)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` → hidden states of block ``feature_layer``, layer-normalised, ``(B, T, D)``."""
+        h = self._embed(self.tokens(x))
+        for block in self.blocks[: self.feature_layer]:
+            h = block(h, is_causal=True)
+        return F.layer_norm(h, h.shape[-1:])
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        return features.mean(1)

@@ -1,0 +1,119 @@
+"""Sparse mixture-of-experts MLPs for the ViT (V-MoE: Riquelme et al., 2021, arXiv:2106.05974).
+
+Every ``moe.every``-th transformer block replaces its dense MLP by ``moe.experts`` MLPs (timm's
+``Mlp``) and a linear router. Each token goes to its ``moe.top_k`` highest-probability experts,
+weighted by the router's softmax probability (not renormalised over the chosen k, as in V-MoE).
+An expert takes at most ``capacity = ceil(capacity_factor · k · S / E)`` of the ``S`` tokens of a
+batch; choices are served in order of rank (every token's first choice before any second
+choice, then in token order), and a choice over capacity is dropped: if all of a token's choices
+are dropped the MoE adds nothing and the token passes through the block's residual connection.
+
+Load balancing: the auxiliary loss of the Switch Transformer (Fedus et al., 2022),
+``E · Σ_e f_e · P_e`` with ``f_e`` the fraction of routing choices that picked expert ``e`` and
+``P_e`` its mean router probability — a differentiable stand-in for V-MoE's importance and load
+losses; it is 1 for a perfectly balanced router and grows with imbalance. It is multiplied by
+``moe.aux_weight`` and reported through :meth:`Backbone.aux_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from timm.layers import Mlp
+from torch import nn
+
+from bigmodel.architectures.base import AuxLossSource
+
+
+class MoEConfig(BaseModel):
+    """The ``architecture.moe`` recipe section (absent = a dense model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experts: Annotated[int, Field(ge=2)] = 8
+    top_k: Annotated[int, Field(ge=1)] = 2
+    every: Annotated[int, Field(ge=1)] = 2
+    capacity_factor: Annotated[float, Field(gt=0)] = 1.0
+    aux_weight: Annotated[float, Field(ge=0)] = 0.01
+
+    @model_validator(mode="after")
+    def _k_le_e(self) -> MoEConfig:
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k={self.top_k} exceeds experts={self.experts}")
+        return self
+
+
+class Routing(NamedTuple):
+    """How ``S`` tokens are routed: ``expert`` and ``gate`` ``(S, k)`` (rank 0 = first choice),
+    ``kept`` ``(S, k)`` whether the choice fits its expert's capacity, ``probs`` ``(S, E)``."""
+
+    expert: torch.Tensor
+    gate: torch.Tensor
+    kept: torch.Tensor
+    probs: torch.Tensor
+    capacity: int
+
+
+class MoEMlp(AuxLossSource):
+    """Drop-in for a transformer block's MLP: ``(B, N, D) → (B, N, D)``.
+
+    Args:
+        dim: token width.
+        hidden: hidden width of each expert.
+        cfg: experts, top_k, capacity_factor and aux_weight.
+    """
+
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(dim, cfg.experts, bias=False)
+        self.experts = nn.ModuleList(Mlp(dim, hidden) for _ in range(cfg.experts))
+
+    def capacity(self, num_tokens: int) -> int:
+        return max(1, math.ceil(self.cfg.capacity_factor * self.cfg.top_k * num_tokens / self.cfg.experts))
+
+    def route(self, tokens: torch.Tensor) -> Routing:
+        """Top-k routing of ``(S, D)`` tokens with per-expert capacity."""
+        probs = self.router(tokens).float().softmax(-1)  # (S, E)
+        gate, expert = probs.topk(self.cfg.top_k, dim=-1)  # (S, k)
+        cap = self.capacity(len(tokens))
+        # Position of each choice in its expert's queue, ranks first then tokens: (k, S) order.
+        onehot = F.one_hot(expert.T, self.cfg.experts)  # (k, S, E)
+        position = (onehot.flatten(0, 1).cumsum(0) - 1).view_as(onehot)
+        position = (position * onehot).sum(-1).T  # (S, k)
+        return Routing(expert, gate, position < cap, probs, cap)
+
+    def balance_loss(self, r: Routing) -> torch.Tensor:
+        """Switch-Transformer load-balancing loss ``E · Σ_e f_e P_e`` (1 when balanced)."""
+        e = self.cfg.experts
+        f = torch.bincount(r.expert.flatten(), minlength=e).float() / r.expert.numel()
+        return e * (f * r.probs.mean(0)).sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        r = self.route(tokens)
+        if self.recording:
+            self.record(self.cfg.aux_weight * self.balance_loss(r))
+        out = torch.zeros_like(tokens)
+        for i, mlp in enumerate(self.experts):
+            tok, rank = torch.nonzero((r.expert == i) & r.kept, as_tuple=True)
+            if len(tok):
+                y = mlp(tokens[tok]) * r.gate[tok, rank, None].to(tokens.dtype)
+                out = out.index_add(0, tok, y.to(out.dtype))
+        return out.view_as(x)
+
+
+def make_sparse(blocks: nn.Sequential, cfg: MoEConfig) -> list[int]:
+    """Replace the MLP of every ``cfg.every``-th timm block (the last of each group of ``every``,
+    as V-MoE does) by a :class:`MoEMlp`; returns the indices of the blocks changed."""
+    changed = []
+    for i, block in enumerate(blocks):
+        if (i + 1) % cfg.every == 0:
+            dense = block.mlp
+            block.mlp = MoEMlp(dense.fc1.in_features, dense.fc1.out_features, cfg)
+            changed.append(i)
+    return changed
