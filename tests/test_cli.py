@@ -6,6 +6,7 @@ import json
 
 import yaml
 
+from bigmodel.cli import main
 from tests.helpers import cli
 
 
@@ -34,19 +35,25 @@ def test_tiny_run_end_to_end(tmp_path) -> None:
     assert metrics[-1]["step"] == 6 and "loss" in metrics[-1] and "images_per_s" in metrics[-1]
 
 
-def test_transfer_command_on_a_checkpoint(tmp_path) -> None:
+# The commands below run in-process through the CLI's entry point: a subprocess each would only
+# add interpreter start-up; test_tiny_run_end_to_end covers the real subprocess.
+
+
+def test_transfer_command_on_a_checkpoint(tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    assert cli("pretrain", "quickstart", "run.tiny=true", f"run.out={out}").returncode == 0
-    proc = cli("transfer", str(out), "--task", "digits", "--protocol", "knn", "--json")
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout[proc.stdout.index("[\n"):])
+    assert main(["pretrain", "quickstart", "run.tiny=true", f"run.out={out}"]) == 0
+    capsys.readouterr()
+    assert main(["transfer", str(out), "--task", "digits", "--protocol", "knn", "--json"]) == 0
+    stdout = capsys.readouterr().out
+    rows = json.loads(stdout[stdout.index("[\n"):])
     assert rows[0]["protocol"] == "knn" and "pretrained" in rows[0]["results"]
 
 
-def test_zoo_and_components_list() -> None:
-    proc = cli("zoo")
-    assert proc.returncode == 0 and "quickstart" in proc.stdout
-    proc = cli("components")
-    assert proc.returncode == 0
-    for name in ("vit", "fractals", "digits", "npz", "supervised", "linear", "knn"):
-        assert name in proc.stdout
+def test_zoo_and_components_list(capsys) -> None:
+    assert main(["zoo"]) == 0
+    assert "quickstart" in capsys.readouterr().out
+    assert main(["components"]) == 0
+    stdout = capsys.readouterr().out
+    for name in ("vit", "resnet", "lstm", "igpt", "fractals", "digits", "npz", "supervised", "simclr", "mae",
+                 "autoregressive", "linear", "knn", "finetune", "fewshot", "architecture × objective"):
+        assert name in stdout, name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bigmodel.cli import main
-from bigmodel.recipe import RecipeError, resolve, zoo_names
+from bigmodel.recipe import RecipeError, resolve
 
 
 @pytest.mark.parametrize(
@@ -77,12 +77,3 @@ def test_recipe_file_and_unknown_recipe(tmp_path) -> None:
     assert r.transfer == []
     with pytest.raises(RecipeError, match="neither a file nor a zoo recipe"):
         resolve(tmp_path / "missing.yaml")
-
-
-@pytest.mark.parametrize("name", zoo_names())
-def test_zoo_recipes_validate_and_open_with_their_command(name: str) -> None:
-    from bigmodel.recipe import zoo_text
-
-    assert zoo_text(name).startswith(f"# bigmodel run {name}")
-    resolve(name)
-    resolve(name, ["run.tiny=true"])

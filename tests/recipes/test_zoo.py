@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
+from safetensors.torch import load_file
 
 from bigmodel import api
 from bigmodel.recipe import load_raw, resolve, zoo_names
+from bigmodel.train import checkpoint
 
 SHARED = "../shared/data/"
 # quickstart's tiny mode scores the whole embedded digits set (slow here); it is the CLI's own
@@ -44,6 +49,17 @@ def test_recipe_runs_in_tiny_mode(name, tmp_path, request):
     recipe = resolve(name, ["run.tiny=true", f"run.out={tmp_path / name}", *overrides])
     result = api.run(recipe)
     assert result["pretrain"]["steps_done"] == recipe.optim.steps
+    assert [r["protocol"] for r in result["transfer"]] == ["linear", "knn"]
     for row in result["transfer"]:
-        assert {"pretrained", "random_init"} <= set(row["results"])
+        assert set(row["results"]) == {"pretrained", "random_init", "pixels"}
+        assert all(0 <= r["top1"] <= 100 for r in row["results"].values())
     assert (tmp_path / name / "report.json").is_file()
+    metrics = [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(math.isfinite(m["loss"]) for m in metrics)
+    if recipe.data.name == "npz" and recipe.objective.name != "supervised":
+        assert recipe.data.kwargs["labels"] is False  # self-supervised recipes ignore labels
+    if "moe" in recipe.architecture.kwargs:
+        assert all(m["aux_loss"] > 0 for m in metrics)
+    if recipe.objective.name == "autoregressive":  # the fitted palette travels in the checkpoint
+        weights = load_file(str(checkpoint.latest(tmp_path / name) / "model.safetensors"))
+        assert weights["backbone.palette.fitted"].item()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from bigmodel.cli import main
 from bigmodel.train import checkpoint
 from tests.helpers import REPO, cli, env
 
@@ -52,13 +53,13 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path) -> None:
     assert steps == list(range(1, 17))  # no duplicated or missing log lines across the kill
 
 
-def test_resume_flag_and_different_recipe_refused(tmp_path) -> None:
+def test_resume_flag_and_different_recipe_refused(tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    assert cli("pretrain", "quickstart", "run.tiny=true", f"run.out={out}").returncode == 0
-    proc = cli("pretrain", "quickstart", "run.tiny=true", "optim.lr=0.5", f"run.out={out}")
-    assert proc.returncode == 2 and "holds a run of a different recipe" in proc.stderr
-    proc = cli("pretrain", "--resume", str(out))
-    assert proc.returncode == 0, proc.stderr
+    assert main(["pretrain", "quickstart", "run.tiny=true", f"run.out={out}"]) == 0
+    assert main(["pretrain", "quickstart", "run.tiny=true", "optim.lr=0.5", f"run.out={out}"]) == 2
+    assert "holds a run of a different recipe" in capsys.readouterr().err
+    assert main(["pretrain", "--resume", str(out)]) == 0
+    assert "resuming from" in capsys.readouterr().out
 
 
 def test_half_written_checkpoints_are_never_loaded(tmp_path) -> None:
