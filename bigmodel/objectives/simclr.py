@@ -59,7 +59,7 @@ class ProjectionHead(nn.Sequential):
 @OBJECTIVES.register("simclr")
 class SimCLR(Objective):
     """Args:
-    temperature: τ of NT-Xent (0.5 in the paper's CIFAR runs, 0.1 with very large batches).
+    temperature: τ of NT-Xent (0.5 is usual with small batches; the paper takes 0.1 with 4096).
     proj_hidden: hidden width of the projection head.
     proj_dim: output width of the projection head (128 in the paper).
     proj_bn: BatchNorm after the hidden layer (as in SimCLR; statistics over both views).
