@@ -29,8 +29,8 @@ from bigmodel.registry import ARCHITECTURES
 
 # width, depth, heads: CPU-sized members of the family (iGPT-S is 512, 24, 8).
 SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (128, 4, 4),
-    "small": (256, 8, 8),
+    "tiny": (64, 4, 4),
+    "small": (128, 6, 4),
 }
 
 

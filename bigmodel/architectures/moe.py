@@ -49,11 +49,13 @@ class MoEConfig(BaseModel):
 
 class Routing(NamedTuple):
     """How ``S`` tokens are routed: ``expert`` and ``gate`` ``(S, k)`` (rank 0 = first choice),
-    ``kept`` ``(S, k)`` whether the choice fits its expert's capacity, ``probs`` ``(S, E)``."""
+    ``position`` ``(S, k)`` the place of each choice in its expert's queue, ``kept`` whether that
+    is within capacity, ``probs`` ``(S, E)``."""
 
     expert: torch.Tensor
     gate: torch.Tensor
     kept: torch.Tensor
+    position: torch.Tensor
     probs: torch.Tensor
     capacity: int
 
@@ -85,7 +87,7 @@ class MoEMlp(AuxLossSource):
         onehot = F.one_hot(expert.T, self.cfg.experts)  # (k, S, E)
         position = (onehot.flatten(0, 1).cumsum(0) - 1).view_as(onehot)
         position = (position * onehot).sum(-1).T  # (S, k)
-        return Routing(expert, gate, position < cap, probs, cap)
+        return Routing(expert, gate, position < cap, position, probs, cap)
 
     def balance_loss(self, r: Routing) -> torch.Tensor:
         """Switch-Transformer load-balancing loss ``E · Σ_e f_e P_e`` (1 when balanced)."""
@@ -94,17 +96,22 @@ class MoEMlp(AuxLossSource):
         return e * (f * r.probs.mean(0)).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dispatch into fixed-size expert buffers ``(E · capacity, D)`` and combine back, as V-MoE
+        does: shapes never depend on the routing, so there is no host sync."""
         tokens = x.reshape(-1, x.shape[-1])
         r = self.route(tokens)
         if self.recording:
             self.record(self.cfg.aux_weight * self.balance_loss(r))
-        out = torch.zeros_like(tokens)
-        for i, mlp in enumerate(self.experts):
-            tok, rank = torch.nonzero((r.expert == i) & r.kept, as_tuple=True)
-            if len(tok):
-                y = mlp(tokens[tok]) * r.gate[tok, rank, None].to(tokens.dtype)
-                out = out.index_add(0, tok, y.to(out.dtype))
-        return out.view_as(x)
+        s, k = r.expert.shape
+        e, cap = self.cfg.experts, r.capacity
+        # slot of each choice in the buffers; dropped choices go to a spare slot that is never read
+        slot = torch.where(r.kept, r.expert * cap + r.position, e * cap).flatten()  # (S·k,)
+        source = tokens.repeat_interleave(k, 0)
+        buffers = tokens.new_zeros(e * cap + 1, tokens.shape[-1]).index_copy(0, slot, source)
+        outputs = [mlp(buffers[i * cap:(i + 1) * cap]) for i, mlp in enumerate(self.experts)]
+        outputs = torch.cat([*outputs, buffers[-1:] * 0])  # (E·cap + 1, D)
+        weight = (r.gate * r.kept).to(outputs.dtype).view(s, k, 1)
+        return (outputs[slot].view(s, k, -1) * weight).sum(1).view_as(x)
 
 
 def make_sparse(blocks: nn.Sequential, cfg: MoEConfig) -> list[int]:

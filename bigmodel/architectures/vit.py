@@ -3,8 +3,9 @@
 timm supplies patch embedding, pre-norm blocks with GELU MLPs and fused SDPA attention; this file
 adds the backbone interface, the named sizes, the token-dropping path of masked autoencoders
 (:meth:`ViT.forward_visible`) and optional mixture-of-experts MLPs (``moe``, see
-:mod:`bigmodel.architectures.moe`). Features are the class token after the final norm; ``pool``
-returns it.
+:mod:`bigmodel.architectures.moe`). Features are the tokens after the final norm; ``pool`` returns
+the class token (``global_pool: token``) or the mean of the patch tokens (``global_pool: avg``,
+as MAE uses for transfer).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ViT(Backbone):
         patch_size: patch side; ``image_size`` must be divisible by it.
         in_chans: input channels (1 for grey, 3 for RGB).
         drop_path: stochastic depth rate.
+        global_pool: pooled features: the class token, or the mean of the patch tokens.
         moe: mixture-of-experts settings (``experts``, ``top_k``, ``every``, ``capacity_factor``,
             ``aux_weight``); ``None`` keeps every MLP dense.
     """
@@ -53,6 +55,7 @@ class ViT(Backbone):
         patch_size: Annotated[int, Field(ge=1)] = 4,
         in_chans: Annotated[int, Field(ge=1)] = 3,
         drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0,
+        global_pool: Literal["token", "avg"] = "token",
         moe: MoEConfig | None = None,
     ):
         super().__init__()
@@ -71,6 +74,7 @@ class ViT(Backbone):
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_patches = (image_size // patch_size) ** 2
+        self.global_pool = global_pool
         self.moe_blocks: list[int] = []
         if moe is not None:
             moe = MoEConfig.model_validate(moe)
@@ -102,4 +106,4 @@ class ViT(Backbone):
         return v.norm(v.blocks(tokens))
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
-        return features[:, 0]
+        return features[:, 0] if self.global_pool == "token" else features[:, 1:].mean(1)

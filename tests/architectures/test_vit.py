@@ -35,3 +35,12 @@ def test_forward_visible_encodes_exactly_the_kept_patches() -> None:
     torch.testing.assert_close(net.forward_visible(x, ids.flip(1))[:, 1:].flip(1), out[:, 1:])
     # and a different set of patches gives different tokens
     assert not torch.allclose(net.forward_visible(x, (ids + 1) % net.num_patches), out, atol=1e-4)
+
+
+def test_global_pool_token_or_average() -> None:
+    net = _vit()
+    x = torch.randn(2, 1, 16, 16)
+    tokens = net.forward_features(x)
+    torch.testing.assert_close(net(x), tokens[:, 0])
+    net.global_pool = "avg"
+    torch.testing.assert_close(net(x), tokens[:, 1:].mean(1))
