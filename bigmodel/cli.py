@@ -136,7 +136,7 @@ def cmd_data_shard(args: argparse.Namespace, console: Console) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bigmodel", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="bigmodel", description="Pretrain vision models (architecture × dataset × objective) and measure how they transfer.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "pretrain, transfer and report (the main job)"), ("pretrain", "pretrain only")):
         s = sub.add_parser(name, help=help_)
