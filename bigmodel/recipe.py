@@ -9,6 +9,8 @@ builder's signature (see :mod:`bigmodel.registry`). Every problem becomes one
 from __future__ import annotations
 
 import copy
+import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -151,18 +153,93 @@ def _index(part: str, seq: list, where: str) -> int:
     return int(part)
 
 
-def resolve(source: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
-    """Load, override (CLI wins over ``tiny`` which wins over the file) and validate a recipe."""
+def resolve(source: str | Path | None = None, overrides: list[str] = (),
+            note: Callable[[str], None] | None = None) -> Recipe:
+    """Load, override (CLI wins over ``tiny`` which wins over the file) and validate a recipe.
+
+    An override that changes a component's name (``data.name=npz``, ``"data={name: npz, ...}"``,
+    ``transfer.0.protocol=linear``, ``transfer.0.task=mnist``) starts that component from the new
+    component's defaults: the file's keys for it are dropped, keys given on the command line still
+    apply, and so are the ``tiny`` keys under it (they were written for the old component). Each
+    section whose tiny keys were dropped gives one note, e.g. ``tiny keys data.classes dropped: data
+    is now npz``, passed to ``note`` once the recipe is valid (default: printed to stderr as
+    ``note: ...``; an invalid recipe prints only its error).
+    """
     raw = load_raw(source)
     parsed = [parse_override(o) for o in overrides]
+    overridden = copy.deepcopy(raw)
+    for path, value in parsed:
+        apply_override(overridden, path, value)
+    new_names = _component_names(overridden)
+    switched = {where: new_names[where] for where, name in _component_names(raw).items()
+                if where in new_names and new_names[where] != name}
+    for where in switched:
+        _restart(raw, where)
     for path, value in parsed:
         apply_override(raw, path, value)
+    dropped: dict[tuple[str, ...], list[str]] = {}
     if (raw.get("run") or {}).get("tiny") is True:
-        for key, value in (raw.get("tiny") or {}).items():
-            apply_override(raw, str(key).split("."), value)
+        tiny = raw.get("tiny") or {}
+        for key, value in list(tiny.items()):
+            owner = _owner(str(key).split("."), switched)
+            if owner is not None:
+                dropped.setdefault(owner, []).append(str(key))
+                del tiny[key]  # the saved recipe must resolve again as it ran
+            else:
+                apply_override(raw, str(key).split("."), value)
         for path, value in parsed:
             apply_override(raw, path, value)
-    return validate(raw)
+    recipe = validate(raw)
+    for where, keys in dropped.items():
+        (note or _print_note)(f"tiny keys {', '.join(keys)} dropped: {_label(where)} is now {switched[where]}")
+    return recipe
+
+
+def _print_note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+# A component's place in a raw recipe: ("data",), ("transfer", "0") for entry 0's protocol (its
+# keys sit beside ``task``), ("transfer", "0", "task") for its task (a name or a section).
+
+
+def _component_names(raw: dict[str, Any]) -> dict[tuple[str, ...], Any]:
+    """Every component of a raw recipe with its name."""
+    out: dict[tuple[str, ...], Any] = {}
+    for section in ("architecture", "data", "objective"):
+        if isinstance(raw.get(section), dict):
+            out[(section,)] = raw[section].get("name")
+    entries = raw.get("transfer")
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        if isinstance(entry, dict):
+            out[("transfer", str(i))] = entry.get("protocol")
+            task = entry.get("task")
+            out[("transfer", str(i), "task")] = task.get("name") if isinstance(task, dict) else task
+    return out
+
+
+def _restart(raw: dict[str, Any], where: tuple[str, ...]) -> None:
+    """Empty the component at ``where`` (an entry's protocol keeps its task)."""
+    if len(where) == 1:
+        raw[where[0]] = {}
+    elif len(where) == 2:
+        entry = raw["transfer"][int(where[1])]
+        raw["transfer"][int(where[1])] = {"task": entry.get("task")}
+    else:
+        raw["transfer"][int(where[1])]["task"] = {}
+
+
+def _owner(key: list[str], switched: dict[tuple[str, ...], Any]) -> tuple[str, ...] | None:
+    """The switched component that a dotted key belongs to, if any."""
+    for where in switched:
+        inside = tuple(key[:len(where)]) == where
+        if inside and not (len(where) == 2 and key[2:3] == ["task"]):
+            return where
+    return None
+
+
+def _label(where: tuple[str, ...]) -> str:
+    return ".".join(where) + (".protocol" if len(where) == 2 else "")
 
 
 def validate(raw: dict[str, Any]) -> Recipe:

@@ -77,3 +77,76 @@ def test_recipe_file_and_unknown_recipe(tmp_path) -> None:
     assert r.transfer == []
     with pytest.raises(RecipeError, match="neither a file nor a zoo recipe"):
         resolve(tmp_path / "missing.yaml")
+
+
+# Switching a component on the command line starts it from the new component's defaults
+
+
+def test_switching_data_keeps_only_the_command_line_keys() -> None:
+    notes: list[str] = []
+    r = resolve(None, ["data.name=npz", "data.path=/m.npz", "data.limit=50"], note=notes.append)
+    assert (r.data.name, r.data.kwargs) == ("npz", {"path": "/m.npz", "limit": 50})
+    assert r.raw["data"] == {"name": "npz", "path": "/m.npz", "limit": 50}
+    assert notes == []  # no tiny mode, nothing dropped
+
+
+@pytest.mark.parametrize("override, section, kwargs", [
+    (["architecture.name=resnet", "architecture.width=0.25"], "architecture", {"width": 0.25}),
+    (["objective.name=simclr", "objective.temperature=0.2"], "objective", {"temperature": 0.2}),
+    (["data={name: npz, path: /m.npz}"], "data", {"path": "/m.npz"}),
+])
+def test_switching_a_section_without_tiny(override, section, kwargs) -> None:
+    notes: list[str] = []
+    r = resolve("quickstart", override, note=notes.append)
+    assert getattr(r, section).kwargs == kwargs
+    assert notes == []
+
+
+@pytest.mark.parametrize("override, section, kwargs, note", [
+    (["architecture.name=resnet", "architecture.width=0.25"], "architecture", {"width": 0.25},
+     "tiny keys architecture.size dropped: architecture is now resnet"),
+    (["data={name: npz, path: /m.npz}"], "data", {"path": "/m.npz"},
+     "tiny keys data.classes, data.images_per_class dropped: data is now npz"),
+    (["data.name=digits"], "data", {}, "tiny keys data.classes, data.images_per_class dropped: data is now digits"),
+])
+def test_switching_a_section_in_tiny_mode_drops_its_tiny_keys_with_one_note(override, section, kwargs, note) -> None:
+    notes: list[str] = []
+    r = resolve("quickstart", ["run.tiny=true", *override], note=notes.append)
+    assert getattr(r, section).kwargs == kwargs
+    assert notes == [note]
+    assert r.optim.steps == 6 and r.run.out == "runs/quickstart-tiny"  # the other tiny keys still apply
+    dropped = note.split("tiny keys ")[1].split(" dropped")[0].split(", ")
+    assert not set(dropped) & set(r.raw["tiny"])  # the saved recipe resolves again as it ran
+
+
+def test_switching_objective_in_tiny_mode_keeps_tiny_keys_of_other_sections() -> None:
+    notes: list[str] = []
+    r = resolve("igpt", ["run.tiny=true", "objective.name=supervised"], note=notes.append)
+    assert (r.objective.name, r.objective.kwargs) == ("supervised", {})
+    assert r.data.kwargs["limit"] == 128 and r.architecture.kwargs["image_size"] == 8
+    assert notes == ["tiny keys objective.palette_images dropped: objective is now supervised"]
+
+
+def test_note_is_printed_to_stderr_once_and_only_for_a_valid_recipe(capsys) -> None:
+    resolve("quickstart", ["run.tiny=true", "data.name=digits"])
+    assert capsys.readouterr().err == (
+        "note: tiny keys data.classes, data.images_per_class dropped: data is now digits\n")
+    with pytest.raises(RecipeError, match="data.path: required key is missing"):
+        resolve("quickstart", ["run.tiny=true", "data.name=npz"])
+    assert capsys.readouterr().err == ""
+
+
+def test_same_name_is_not_a_switch() -> None:
+    r = resolve("quickstart", ["run.tiny=true", "data.name=fractals"], note=pytest.fail)
+    assert r.data.kwargs["classes"] == 8 and r.data.kwargs["channels"] == 1
+
+
+def test_switching_a_transfer_entrys_protocol_or_task() -> None:
+    notes: list[str] = []
+    r = resolve("quickstart", ["transfer.1.protocol=linear", "transfer.1.C=0.5"], note=notes.append)
+    assert (r.transfer[1].protocol.name, r.transfer[1].protocol.kwargs) == ("linear", {"C": 0.5})  # k: 20 dropped
+    assert r.transfer[1].task.name == "digits"
+    r = resolve("igpt", ["run.tiny=true", "transfer.0.task=digits"], note=notes.append)
+    assert (r.transfer[0].task.name, r.transfer[0].task.kwargs) == ("digits", {})
+    assert r.transfer[1].task.kwargs["limit"] == 300  # entry 1 untouched
+    assert notes == ["tiny keys transfer.0.task.limit dropped: transfer.0.task is now digits"]
