@@ -8,6 +8,11 @@ batch; choices are served in order of rank (every token's first choice before an
 choice, then in token order), and a choice over capacity is dropped: if all of a token's choices
 are dropped the MoE adds nothing and the token passes through the block's residual connection.
 
+Capacity applies in training only. In evaluation (``module.eval()``) no choice is dropped: every
+token is served by all of its ``top_k`` experts, so an image's features do not depend on the other
+images of its batch (with a batch-wide capacity they did, by ~1% at random init), and each
+expert runs on exactly the tokens that chose it (one host sync per layer, for the split sizes).
+
 Load balancing: the auxiliary loss of the Switch Transformer (Fedus et al., 2022),
 ``E · Σ_e f_e · P_e`` with ``f_e`` the fraction of routing choices that picked expert ``e`` and
 ``P_e`` its mean router probability — a differentiable stand-in for V-MoE's importance and load
@@ -96,12 +101,15 @@ class MoEMlp(AuxLossSource):
         return e * (f * r.probs.mean(0)).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Dispatch into fixed-size expert buffers ``(E · capacity, D)`` and combine back, as V-MoE
-        does: shapes never depend on the routing, so there is no host sync."""
+        """Training: dispatch into fixed-size expert buffers ``(E · capacity, D)`` and combine back,
+        as V-MoE does: shapes never depend on the routing, so there is no host sync. Evaluation:
+        every choice is served (:meth:`forward_all_choices`)."""
         tokens = x.reshape(-1, x.shape[-1])
         r = self.route(tokens)
         if self.recording:
             self.record(self.cfg.aux_weight * self.balance_loss(r))
+        if not self.training:
+            return self.forward_all_choices(tokens, r).view_as(x)
         s, k = r.expert.shape
         e, cap = self.cfg.experts, r.capacity
         # slot of each choice in the buffers; dropped choices go to a spare slot that is never read
@@ -112,6 +120,18 @@ class MoEMlp(AuxLossSource):
         outputs = torch.cat([*outputs, buffers[-1:] * 0])  # (E·cap + 1, D)
         weight = (r.gate * r.kept).to(outputs.dtype).view(s, k, 1)
         return (outputs[slot].view(s, k, -1) * weight).sum(1).view_as(x)
+
+    def forward_all_choices(self, tokens: torch.Tensor, r: Routing) -> torch.Tensor:
+        """``(S, D)`` tokens → ``(S, D)``, each the gate-weighted sum of its ``top_k`` experts, none
+        dropped: the choices are sorted by expert and each expert runs on its own slice."""
+        s, k = r.expert.shape
+        choice_expert = r.expert.flatten()  # (S·k,), choice j is token j // k
+        order = choice_expert.argsort(stable=True)
+        counts = torch.bincount(choice_expert, minlength=self.cfg.experts).tolist()  # host sync (eval only)
+        chunks = tokens[order // k].split(counts)
+        outputs = torch.cat([mlp(chunk) for mlp, chunk in zip(self.experts, chunks, strict=True)])
+        outputs = torch.empty_like(outputs).index_copy_(0, order, outputs)  # back to choice order
+        return (outputs.view(s, k, -1) * r.gate.to(outputs.dtype)[..., None]).sum(1)
 
 
 def make_sparse(blocks: nn.Sequential, cfg: MoEConfig) -> list[int]:

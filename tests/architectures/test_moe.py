@@ -110,3 +110,34 @@ def test_moe_recipe_keys_are_validated() -> None:
         resolve("mae-vit-moe", ["architecture.moe.top_k=5"])
     with pytest.raises(RecipeError, match=r"architecture\.moe\.capacity_factor = 0"):
         resolve("mae-vit-moe", ["architecture.moe.capacity_factor=0"])
+
+
+def test_eval_serves_every_choice_whatever_the_capacity() -> None:
+    """In evaluation no choice is dropped: each token gets Σ_k gate_k · expert_k(token), even where the
+    training capacity would drop most of them; training keeps the capacity."""
+    layer = _layer(top_k=2, capacity_factor=0.1)
+    x = torch.randn(1, 50, 16)
+    r = layer.route(x[0])
+    assert not r.kept.all()  # the training capacity drops choices here...
+    assert (layer.train()(x)[0] == 0).all(1).any()  # ...and training output leaves dropped tokens at 0
+    out = layer.eval()(x)[0]
+    ref = torch.stack([sum(r.gate[i, j] * layer.experts[int(r.expert[i, j])](x[0, i]) for j in range(2))
+                       for i in range(50)])
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_eval_features_do_not_depend_on_batch_mates() -> None:
+    """An image's V-MoE features are the same alone, first and last in a batch of 64 (with a
+    batch-wide capacity they moved by ~1% with the batch-mates)."""
+    torch.manual_seed(0)
+    net = ViT(size="nano", image_size=16, patch_size=4, in_chans=3,
+              moe={"experts": 4, "top_k": 2, "every": 2}).eval()
+    x = torch.randn(64, 3, 16, 16)
+    with torch.no_grad():
+        alone = net(x[:1])
+        first = net(x)[:1]
+        last = net(torch.cat([x[1:], x[:1]]))[-1:]
+    torch.testing.assert_close(first, alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(last, alone, atol=1e-6, rtol=0)
+    with torch.no_grad():  # training mode keeps V-MoE's batch-wide capacity (and so depends on the batch)
+        assert not torch.allclose(net.train()(x)[:1], net(x[:1]), atol=1e-3, rtol=0)
