@@ -7,13 +7,51 @@ protocols can size themselves without reading a sample.
 
 Small datasets live in memory as one uint8 tensor (:class:`TensorImages`): decode once, index
 batches directly.
+
+Paths in data sections may name ``$BIGMODEL_SHARED_DATA``, the folder of the shared data sets
+(default: ``shared/data`` beside the repository); :func:`expand_path` expands it (and ``~`` and
+other environment variables) when the dataset is built, so a recipe works from any directory.
 """
 
 from __future__ import annotations
 
+import os
+import string
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
+
+import bigmodel
+
+SHARED_DATA_VAR = "BIGMODEL_SHARED_DATA"
+
+
+def shared_data() -> Path:
+    """``$BIGMODEL_SHARED_DATA``, else ``shared/data`` beside the repository holding the package."""
+    if os.environ.get(SHARED_DATA_VAR):
+        return Path(os.environ[SHARED_DATA_VAR]).expanduser()
+    return Path(bigmodel.__file__).resolve().parents[2] / "shared" / "data"
+
+
+def expand_path(path: str) -> Path:
+    """``path`` with ``$BIGMODEL_SHARED_DATA`` (default: :func:`shared_data`), other environment
+    variables and ``~`` expanded. Unknown variables are left as written."""
+    env = {**os.environ, SHARED_DATA_VAR: str(shared_data())}
+    return Path(string.Template(path).safe_substitute(env)).expanduser()
+
+
+def missing_file_hint(path: str) -> str:
+    """Where a missing data file was looked for, and how to point ``$BIGMODEL_SHARED_DATA`` elsewhere."""
+    where = expand_path(path)
+    if not where.is_absolute():
+        where = Path.cwd() / where
+    if f"${SHARED_DATA_VAR}" in path or f"${{{SHARED_DATA_VAR}}}" in path:
+        source = "as set" if os.environ.get(SHARED_DATA_VAR) else "unset: shared/data beside the repository"
+        return f"looked for {where} (${SHARED_DATA_VAR} {source}); set {SHARED_DATA_VAR}=/folder/with/the/data"
+    return (f"looked for {where}; give an absolute path, or ${SHARED_DATA_VAR}/<file> for the shared data "
+            f"(set {SHARED_DATA_VAR}=/folder/with/the/data)")
 
 
 class ImageDataset(Dataset):
@@ -28,21 +66,30 @@ class ImageDataset(Dataset):
 
 
 class TensorImages(ImageDataset):
-    """An in-memory dataset: ``images`` uint8 ``(N, C, H, W)``, ``targets`` int64 ``(N,)``."""
+    """An in-memory dataset: ``images`` uint8 ``(N, C, H, W)``, ``targets`` int64 ``(N,)``.
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str] | None = None):
+    ``num_classes`` is the declared count when given, else ``len(classes)`` or the largest label + 1
+    (whichever is larger); 0 when every label is -1.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str] | None = None,
+                 num_classes: int | None = None):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} images but {len(targets)} labels")
         self.images = images.contiguous()
         self.targets = targets.long()
+        if len(self.targets) and int(self.targets.min()) < -1:
+            raise ValueError(f"labels must be class indices >= 0 (or -1: unlabelled), got {int(self.targets.min())}")
         self.channels = images.shape[1]
         self.image_size = images.shape[-1]
         labelled = self.targets[self.targets >= 0]
         self.num_classes = int(labelled.max()) + 1 if len(labelled) else 0
         if classes is not None:
             self.num_classes = max(self.num_classes, len(classes))
+        if num_classes is not None:
+            self.num_classes = num_classes
         self.classes = classes
 
     def __len__(self) -> int:
@@ -55,23 +102,54 @@ class TensorImages(ImageDataset):
         return self.targets
 
     def subset(self, index: torch.Tensor) -> TensorImages:
-        return TensorImages(self.images[index], self.targets[index], self.classes)
+        return TensorImages(self.images[index], self.targets[index], self.classes, self.num_classes)
 
 
-def from_numpy(x: np.ndarray, y: np.ndarray | None, classes: list[str] | None = None) -> TensorImages:
-    """Images ``(N, H, W)`` or ``(N, H, W, C)`` uint8 (channels last, as in ../shared/data)."""
+def channels_first(x: np.ndarray, name: str = "images") -> np.ndarray:
+    """Square uint8 images as ``(N, C, H, W)``, from any of these layouts:
+
+    - ``(N, H, W)`` grey;
+    - ``(N, H, W, C)`` channels last (the layout of the shared data), C = 1 or 3;
+    - ``(N, C, H, W)`` channels first, C = 1 or 3.
+
+    A 4-D array is channels-last when its last axis is 1 or 3 and its two middle axes are equal
+    (a square image), channels-first when its second axis is 1 or 3 and its last two are equal;
+    when both readings fit (only 1×1 or 3×3 images) channels-last wins.
+
+    Args:
+        x: the array.
+        name: how messages call it, e.g. ``"data.npz x_train"``.
+    """
     if x.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 0..255, got {x.dtype}")
+        raise ValueError(f"{name} must be uint8 0..255, got {x.dtype}"
+                         + ("; scale floats in [0, 1] with (x * 255).round().astype(np.uint8)" if x.dtype.kind == "f" else ""))
+    expected = "expected (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3"
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4:
-        x = x.transpose(0, 3, 1, 2)
+        last = x.shape[3] in (1, 3) and x.shape[1] == x.shape[2]
+        first = x.shape[1] in (1, 3) and x.shape[2] == x.shape[3]
+        if last:
+            x = x.transpose(0, 3, 1, 2)
+        elif not first:
+            if x.shape[3] in (1, 3):
+                raise ValueError(f"{name}: images must be square, got {x.shape[1]}x{x.shape[2]} (shape {x.shape})")
+            if x.shape[1] in (1, 3):
+                raise ValueError(f"{name}: images must be square, got {x.shape[2]}x{x.shape[3]} (shape {x.shape})")
+            raise ValueError(f"{name} has shape {x.shape}: {expected}")
     else:
-        raise ValueError(f"images must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
+        raise ValueError(f"{name} has shape {x.shape}: {expected}")
     if x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"images must be square, got {x.shape[-2]}x{x.shape[-1]}")
+        raise ValueError(f"{name}: images must be square, got {x.shape[-2]}x{x.shape[-1]} (shape {x.shape})")
+    return x
+
+
+def from_numpy(x: np.ndarray, y: np.ndarray | None, classes: list[str] | None = None,
+               num_classes: int | None = None, name: str = "images") -> TensorImages:
+    """uint8 images in any layout :func:`channels_first` reads, with int labels (``None``: unlabelled)."""
+    x = channels_first(x, name)
     targets = torch.full((len(x),), -1, dtype=torch.long) if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
-    return TensorImages(torch.from_numpy(np.ascontiguousarray(x)), targets, classes)
+    return TensorImages(torch.from_numpy(np.ascontiguousarray(x)), targets, classes, num_classes)
 
 
 def materialize(ds: ImageDataset) -> TensorImages:

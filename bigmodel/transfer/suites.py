@@ -13,6 +13,8 @@ the entries before validation:
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import string
 from importlib import resources
@@ -21,19 +23,18 @@ from typing import Any
 
 import yaml
 
-import bigmodel
 import bigmodel.components  # noqa: F401  (fills the registries)
+from bigmodel.data import base as data_base
 from bigmodel.recipe import RecipeError, TransferSpec, _transfer, parse_override
 from bigmodel.registry import DATASETS, PROTOCOLS
 
-SHARED_DATA_VAR = "BIGMODEL_SHARED_DATA"
+SHARED_DATA_VAR = data_base.SHARED_DATA_VAR
 
 
 def shared_data() -> Path:
-    """``$BIGMODEL_SHARED_DATA``, else ``shared/data`` beside the repository holding the package."""
-    if os.environ.get(SHARED_DATA_VAR):
-        return Path(os.environ[SHARED_DATA_VAR])
-    return Path(bigmodel.__file__).resolve().parents[2] / "shared" / "data"
+    """``$BIGMODEL_SHARED_DATA``, else ``shared/data`` beside the repository holding the package
+    (one rule for suites and recipes: :func:`bigmodel.data.base.shared_data`)."""
+    return data_base.shared_data()
 
 
 def suite_names() -> list[str]:
@@ -117,3 +118,31 @@ def _accepts(entry: dict[str, Any], key: str, on_task: bool) -> bool:
 def specs(entries: list[dict[str, Any]], sets: list[str] | tuple[str, ...] = ()) -> list[TransferSpec]:
     """Validated transfer specs of raw entries (after ``sets``); problems raise :class:`RecipeError`."""
     return [_transfer(f"transfer.{i}", e) for i, e in enumerate(apply_sets(entries, sets))]
+
+
+def check(specs: list[TransferSpec]) -> None:
+    """Refuse, before anything runs, a spec whose protocol cannot serve its task (kNN's ``k`` above
+    the training images, few-shot ``shots`` above a class's images, a task with one class): raises
+    :class:`RecipeError` naming the entry, the setting, its value and the limit."""
+    from bigmodel.data.base import materialize
+
+    labels: dict[str, Any] = {}
+    for i, spec in enumerate(specs):
+        key = repr((spec.task.name, sorted(spec.task.kwargs.items())))
+        if key not in labels:
+            data = DATASETS.build(spec.task.name, split="train", **spec.task.kwargs)
+            labels[key] = data.targets if hasattr(data, "targets") else materialize(data).targets
+        try:
+            PROTOCOLS.build(spec.protocol.name, **spec.protocol.kwargs).check(labels[key])
+        except ValueError as e:
+            task = Path(str(spec.task.kwargs["path"])).stem if "path" in spec.task.kwargs else spec.task.name
+            raise RecipeError(f"transfer.{i} ({task} · {spec.protocol.name}): {e}") from None
+
+
+def settings_id(specs: list[TransferSpec]) -> str:
+    """A short stable hash of the specs' full settings (defaults included), e.g. ``3f2a9c``: two
+    transfers with different settings get different report files, the same settings the same one."""
+    full = [[s.task.name, DATASETS.config_model(s.task.name)(**s.task.kwargs).model_dump(),
+             s.protocol.name, PROTOCOLS.config_model(s.protocol.name)(**s.protocol.kwargs).model_dump()]
+            for s in specs]
+    return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:6]

@@ -12,14 +12,14 @@ from bigmodel import api
 from bigmodel.recipe import load_raw, resolve, zoo_names
 from bigmodel.train import checkpoint
 
-SHARED = "../shared/data/"
+SHARED = "$BIGMODEL_SHARED_DATA/"
 # quickstart's tiny mode scores the whole embedded digits set (slow here); it is the CLI's own
 # smoke test. Every other zoo recipe runs end to end in tiny mode below.
 TINY_RUNS = [n for n in zoo_names() if n != "quickstart"]
 
 
 def _data_overrides(raw: dict, request: pytest.FixtureRequest) -> list[str]:
-    """Point every ``../shared/data/<file>`` path of a recipe at the test fixture for that file
+    """Point every ``$BIGMODEL_SHARED_DATA/<file>`` path of a recipe at the test fixture for that file
     (which skips the test when the file is absent)."""
     fixtures = {"mnist.npz": "mnist_npz", "cifar10.npz": "cifar10_npz"}
     out = []
