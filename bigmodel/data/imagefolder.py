@@ -5,17 +5,21 @@ Layouts:
 - ``root/<class>/**/<file>`` — class sub-folders, labelled by the sorted folder names (as
   torchvision's ``ImageFolder``); files lying directly in ``root`` are ignored;
 - ``root/<file>`` — a flat folder, unlabelled (label ``-1``);
-- ``root/train/…`` and ``root/test/…`` — either layout inside each: ``split`` picks the folder.
+- ``root/train/…`` and ``root/test/…`` — either layout inside each (the same in both): ``split``
+  picks the folder. The class list is the train folder's, for both splits, so a class with no test
+  images shifts no label; a test class the train folder lacks is an error.
 
 Without ``train/`` and ``test/`` folders ``split`` is a fixed, seeded holdout: ``test_fraction`` of
 each class (of the whole folder when flat) is ``test``, the rest ``train``; the same files land
 on the same side on every run and machine.
 
-Every non-hidden file is a candidate. Files that cannot be decoded (truncated images, files that
-are not images) are skipped, counted and listed: logged as warnings and kept as ``(path, reason)``
-pairs in the dataset's ``skipped`` attribute for the run report. When more than
-``max_bad_fraction`` of the candidates are bad the build stops with a message naming the count,
-the fraction and the knob.
+Candidates are the files with an image extension that PIL opens (``.png``, ``.jpg``, ``.webp``, …).
+Other files (``notes.txt``, ``Thumbs.db``, hidden files such as ``.DS_Store``) are ignored: counted
+and listed in the dataset's ``ignored`` attribute and logged once, never counted as bad images.
+Candidates that cannot be decoded (truncated images, a text file named ``.jpg``) are skipped,
+counted and listed: logged as warnings and kept as ``(path, reason)`` pairs in the dataset's
+``skipped`` attribute for the run report. When more than ``max_bad_fraction`` of the candidates
+are bad the build stops with a message naming the count, the fraction and the knob.
 """
 
 from __future__ import annotations
@@ -32,28 +36,38 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from bigmodel.data.base import TensorImages
+from bigmodel.data.base import TensorImages, expand_path
 from bigmodel.registry import DATASETS
 
 log = logging.getLogger(__name__)
+
+Image.init()
+IMAGE_EXTS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 class FolderImages(TensorImages):
     """:class:`TensorImages` that remembers which files were skipped and why."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str] | None,
-                 skipped: list[tuple[str, str]], candidates: int):
-        super().__init__(images, targets, classes)
+                 skipped: list[tuple[str, str]], candidates: int, ignored: list[str] | None = None):
+        super().__init__(images, targets, classes, len(classes) if classes else None)
         self.skipped = skipped
         self.candidates = candidates
+        self.ignored = ignored or []
 
 
-def _files(folder: Path) -> list[Path]:
-    """Non-hidden regular files under ``folder``, in a stable (sorted) order."""
+def _files(folder: Path, ignored: list[str]) -> list[Path]:
+    """Image files (by extension) under ``folder``, in a stable (sorted) order; every other file
+    is appended to ``ignored``. Hidden folders are not entered."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+        for f in sorted(filenames):
+            path = Path(dirpath) / f
+            if not f.startswith(".") and path.suffix.lower() in IMAGE_EXTS:
+                out.append(path)
+            else:
+                ignored.append(str(path))
     return out
 
 
@@ -92,22 +106,46 @@ def _holdout(n: int, fraction: float, seed: int, key: str) -> torch.Tensor:
     return mask
 
 
-def _listing(folder: Path, split: str, test_fraction: float, seed: int) -> tuple[list[Path], list[int], list[str] | None]:
+def _subdirs(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _split_classes(root: Path) -> list[str]:
+    """The class list of a ``train/`` + ``test/`` layout: the train folder's, checked against test's."""
+    train, test = _subdirs(root / "train"), _subdirs(root / "test")
+    if bool(train) != bool(test):
+        raise ValueError(f"imagefolder {str(root)!r}: train/ {'has' if train else 'has no'} class sub-folders but "
+                         f"test/ {'has' if test else 'has none'}; give both the same layout")
+    extra = sorted(set(test) - set(train))
+    if extra:
+        raise ValueError(f"imagefolder {str(root)!r}: test/ has classes that train/ lacks: {', '.join(extra[:5])}"
+                         f"{' …' if len(extra) > 5 else ''} ({len(extra)}); every test class needs a train/ folder "
+                         f"(the class list is train/'s: {', '.join(train[:5])}{' …' if len(train) > 5 else ''})")
+    return train
+
+
+def _listing(folder: Path, split: str, test_fraction: float, seed: int,
+             ignored: list[str]) -> tuple[list[Path], list[int], list[str] | None]:
     """The files of ``split`` with their labels and the class names (``None`` when flat)."""
     if (folder / "train").is_dir() and (folder / "test").is_dir():
+        classes = _split_classes(folder)
         folder, fraction = folder / split, None
+        present = set(_subdirs(folder))
     else:
-        fraction = test_fraction
-    subdirs = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    groups = [(c, _files(folder / c)) for c in subdirs] if subdirs else [("", _files(folder))]
+        classes, fraction = _subdirs(folder), test_fraction
+        present = set(classes)
+    groups = [(c, _files(folder / c, ignored) if c in present else []) for c in classes] if classes \
+        else [("", _files(folder, ignored))]
+    if classes:  # files lying directly in a labelled root belong to no class
+        ignored += [str(p) for p in sorted(folder.iterdir()) if p.is_file()]
     files, labels = [], []
     for label, (name, group) in enumerate(groups):
         if fraction is not None and group:
             test = _holdout(len(group), fraction, seed, name)
             group = [f for f, t in zip(group, test.tolist(), strict=True) if t == (split == "test")]
         files += group
-        labels += [label if subdirs else -1] * len(group)
-    return files, labels, subdirs or None
+        labels += [label if classes else -1] * len(group)
+    return files, labels, classes or None
 
 
 @DATASETS.register("imagefolder")
@@ -134,12 +172,18 @@ def imagefolder(
         seed: seed of that holdout.
         workers: decoding threads (default: the CPU count, at most 8).
     """
-    folder = Path(root).expanduser()
+    folder = expand_path(root)
     if not folder.is_dir():
         raise FileNotFoundError(f"data.root={root!r}: no such folder (expected class sub-folders of images, or a flat folder of images)")
-    files, labels, classes = _listing(folder, split, test_fraction, seed)
+    ignored: list[str] = []
+    files, labels, classes = _listing(folder, split, test_fraction, seed, ignored)
+    if ignored:
+        log.info("imagefolder: ignored %d files that are not images by extension (%s%s)", len(ignored),
+                 ", ".join(Path(p).name for p in ignored[:5]), ", …" if len(ignored) > 5 else "")
     if not files:
-        raise ValueError(f"data.root={root!r}: no image files found for split {split!r}")
+        raise ValueError(f"data.root={root!r}: no image files found for split {split!r}"
+                         + (f" (ignored {len(ignored)} files without an image extension, e.g. {Path(ignored[0]).name})"
+                            if ignored else ""))
     mode = "L" if channels == 1 else "RGB"
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
         decoded = list(pool.map(lambda f: _try_decode(f, mode, image_size), files))
@@ -166,4 +210,4 @@ def imagefolder(
     x = np.stack([d for d, _, _ in good])
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     y = torch.tensor([lab for _, lab, _ in good], dtype=torch.long)
-    return FolderImages(torch.from_numpy(np.ascontiguousarray(x)), y, classes, skipped, len(files))
+    return FolderImages(torch.from_numpy(np.ascontiguousarray(x)), y, classes, skipped, len(files), ignored)

@@ -1,4 +1,5 @@
-"""imagefolder: layouts, splits, resizing, and unreadable files skipped, counted, listed — or stopping the build."""
+"""imagefolder: layouts, splits (one class list for train/ and test/), resizing, files that are not
+images ignored, and unreadable images skipped, counted, listed — or stopping the build."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def _png(path: Path, value: int, size: tuple[int, int] = (16, 16), mode: str = "
 
 @pytest.fixture
 def messy(tmp_path: Path) -> Path:
-    """Two classes of 8 good images each, plus a truncated PNG, a text file and a text file named .jpg."""
+    """Two classes of 8 good images each, plus a truncated PNG, a text file named .jpg, and files that
+    are not images by name (notes.txt, Thumbs.db, .DS_Store)."""
     root = tmp_path / "messy"
     for c, name in enumerate(("cat", "dog")):
         for i in range(8):
@@ -37,17 +39,19 @@ def messy(tmp_path: Path) -> Path:
     (root / "dog" / "notes.txt").write_text("not an image")
     (root / "dog" / "fake.jpg").write_text("not a jpeg either")
     (root / "dog" / ".DS_Store").write_text("hidden files are not candidates")
+    (root / "cat" / "Thumbs.db").write_bytes(b"\x00" * 64)
     return root
 
 
 def test_bad_files_are_skipped_counted_and_listed(messy: Path, caplog):
     with caplog.at_level("WARNING"):
         ds = imagefolder(str(messy), max_bad_fraction=0.2, test_fraction=0.0)
-    assert len(ds) == 16 and ds.candidates == 19
+    assert len(ds) == 16 and ds.candidates == 18
     assert ds.classes == ["cat", "dog"] and ds.num_classes == 2
     assert ds.labels().tolist() == [0] * 8 + [1] * 8
     bad = {Path(p).name: reason for p, reason in ds.skipped}
-    assert set(bad) == {"zz_truncated.png", "notes.txt", "fake.jpg"}
+    assert set(bad) == {"zz_truncated.png", "fake.jpg"}
+    assert sorted(Path(p).name for p in ds.ignored) == [".DS_Store", "Thumbs.db", "notes.txt"]
     assert "truncated" in bad["zz_truncated.png"].lower()
     for name in bad:  # each one is in the log, with its path
         assert any(name in rec.getMessage() for rec in caplog.records)
@@ -58,7 +62,19 @@ def test_threshold_stops_the_build_with_a_clear_message(messy: Path):
     with pytest.raises(ValueError) as err:
         imagefolder(str(messy), test_fraction=0.0)  # default max_bad_fraction=0.01
     msg = str(err.value)
-    assert "3 of 19 files" in msg and "15.8%" in msg and "data.max_bad_fraction=0.01" in msg
+    assert "2 of 18 files" in msg and "11.1%" in msg and "data.max_bad_fraction=0.01" in msg
+
+
+def test_stray_non_image_files_do_not_count_as_bad(tmp_path: Path):
+    """One notes.txt among 10 images used to be 1 bad file in 11 (9%), past the default 1%."""
+    for i in range(10):
+        _png(tmp_path / "a" / f"{i}.png", i)
+        _png(tmp_path / "b" / f"{i}.png", 20 + i)
+    (tmp_path / "a" / "notes.txt").write_text("taken at the zoo")
+    (tmp_path / "README.md").write_text("no class")  # directly in a labelled root: no class
+    ds = imagefolder(str(tmp_path), test_fraction=0.0)
+    assert len(ds) == 20 and ds.skipped == [] and ds.candidates == 20
+    assert sorted(Path(p).name for p in ds.ignored) == ["README.md", "notes.txt"]
 
 
 def test_flat_folder_is_unlabelled_grey_and_resized(tmp_path: Path):
@@ -69,6 +85,28 @@ def test_flat_folder_is_unlabelled_grey_and_resized(tmp_path: Path):
     ds = imagefolder(str(tmp_path), image_size=8, channels=1, test_fraction=0.0)
     assert ds.images.shape == (5, 1, 8, 8) and ds.num_classes == 0
     assert ds.labels().tolist() == [-1] * 5
+
+
+def test_train_and_test_share_the_train_class_list(tmp_path: Path):
+    """train/ has a, b, c; test/ has a, c: c is class 2 in both splits (it was 1 in test)."""
+    for split, classes in (("train", "abc"), ("test", "ac")):
+        for c in classes:
+            _png(tmp_path / split / c / "0.png", ord(c))
+    train, test = imagefolder(str(tmp_path), split="train"), imagefolder(str(tmp_path), split="test")
+    assert train.classes == test.classes == ["a", "b", "c"] and train.num_classes == test.num_classes == 3
+    assert train.labels().tolist() == [0, 1, 2] and test.labels().tolist() == [0, 2]
+    assert test.images[:, 0, 0, 0].tolist() == [ord("a"), ord("c")]
+
+
+def test_a_test_class_missing_from_train_is_an_error(tmp_path: Path):
+    for split, classes in (("train", "ab"), ("test", "abd")):
+        for c in classes:
+            _png(tmp_path / split / c / "0.png", ord(c))
+    for split in ("train", "test"):
+        with pytest.raises(ValueError) as err:
+            imagefolder(str(tmp_path), split=split)
+        assert str(err.value) == (f"imagefolder {str(tmp_path)!r}: test/ has classes that train/ lacks: d (1); every "
+                                  f"test class needs a train/ folder (the class list is train/'s: a, b)")
 
 
 def test_train_and_test_folders_are_the_splits(tmp_path: Path):
@@ -115,5 +153,5 @@ def test_run_lists_skipped_files_in_its_report(messy: Path, tmp_path: Path):
         "run": {"out": str(tmp_path / "run")}})
     result = api.run(recipe, Console(quiet=True), transfer=False)
     listed = json.loads((tmp_path / "run" / "report.json").read_text())["data"]["skipped"]
-    assert {Path(s["path"]).name for s in listed} == {"zz_truncated.png", "notes.txt", "fake.jpg"}
+    assert {Path(s["path"]).name for s in listed} == {"zz_truncated.png", "fake.jpg"}
     assert result["data"]["skipped"] == listed
