@@ -43,6 +43,8 @@ def prepare_run_dir(recipe: Recipe) -> Path:
 def _strip(raw: dict[str, Any]) -> dict[str, Any]:
     """Parts of a recipe that may change between a run and its resumption (how it logs, not what it computes)."""
     run = {k: v for k, v in (raw.get("run") or {}).items() if k not in ("log_every", "num_workers", "eval_batch_size")}
+        if transfer:
+            suites.check(recipe.transfer)  # e.g. kNN k above the task's images: refused before pretraining
     return {**raw, "run": run}
 
 
@@ -119,26 +121,40 @@ def transfer(ckpt: str | Path, specs: list | None = None, console: Console | Non
     """Score a checkpoint (a run directory or a checkpoint folder) on transfer specs: ``specs``
     (validated specs or raw ``{task, protocol, ...}`` entries), else the suite ``suite`` (a
     built-in name or a YAML file), else its recipe's transfer section; ``sets`` are ``KEY=VALUE``
-    adjustments (see :mod:`bigmodel.transfer.suites`). Writes the rows with their provenance to
-    ``RUN_DIR/transfer/<name>.json`` and returns the rows."""
+    adjustments (see :mod:`bigmodel.transfer.suites`). Settings a task cannot serve are refused
+    before any work (:func:`bigmodel.transfer.suites.check`).
+
+    Writes the rows with their provenance to ``RUN_DIR/transfer/<what>-<id>.json``, where ``what``
+    is the suite's name, ``recipe``, ``<task>-<protocol>`` for one entry or ``custom``, and ``id``
+    a hash of the full settings (:func:`~bigmodel.transfer.suites.settings_id`), so that runs with
+    other settings keep their own files; ``name`` names the file exactly instead. Returns the rows.
+    """
     console = console or Console()
     net, found, recipe = load_backbone(ckpt)
     if specs is None:
         entries = suites.load_suite(suite) if suite else (recipe.raw.get("transfer") or [])
-        name = name or (Path(suite).stem if suite else "recipe")
+    what = "transfer"
+        what = Path(suite).stem if suite else "recipe"
         specs = suites.specs(entries, sets)
     elif all(isinstance(s, dict) for s in specs):
-        name = name or (f"{suites.entry_name(specs[0])}-{specs[0]['protocol']}" if len(specs) == 1 else "custom")
+        what = f"{suites.entry_name(specs[0])}-{specs[0]['protocol']}" if len(specs) == 1 else "custom"
         specs = suites.specs(specs, sets)
     elif sets:
         raise ValueError("sets apply to raw entries or suites, not to validated specs")
     dev = build.device(recipe.run)
     dtype = build.autocast_dtype(recipe.run, dev)
+    if not specs:
+        raise RecipeError(f"{ckpt}: no transfer entries to score; give --suite NAME or --task and --protocol")
+    suites.check(specs)
+    name = name or f"{what}-{suites.settings_id(specs)}"
+    path = run_dir_of(found) / "transfer" / f"{name}.json"
+    step = checkpoint.load_meta(found)["step"]
+    console.print(f"[bold]bigmodel transfer[/] {found} (step {step}): {len(specs)} entries → {path}")
     rows = run_suite(specs, {"pretrained": net}, recipe.run.eval_batch_size, dtype, console)
     console.print(table(rows))
-    prov = provenance(found, checkpoint.load_meta(found)["step"], dtype, str(dev), suite=name, sets=list(sets),
+    prov = provenance(found, step, dtype, str(dev), suite=what, sets=list(sets),
                       architecture=recipe.raw["architecture"])
-    path = write_report(run_dir_of(found) / "transfer" / f"{name or 'transfer'}.json", rows, prov)
+    write_report(path, rows, prov)
     console.print(f"transfer report: {path}")
     return rows
 
@@ -159,11 +175,17 @@ def ensemble(ckpts: list[str | Path], task: str | dict[str, Any], sets: list[str
     train, test = (materialize(DATASETS.build(spec.task.name, split=s, **spec.task.kwargs)) for s in ("train", "test"))
     members, steps = [], []
     for ckpt in ckpts:
+    try:
+        protocol.check(train.targets)
+    except ValueError as e:
+        raise RecipeError(f"ensemble on {suites.entry_name({'task': task})}: {e}") from None
         net, found, _ = load_backbone(ckpt)
         members.append((str(ckpt), net))
         steps.append(checkpoint.load_meta(found)["step"])
     result = ens.ensemble(members, train, test, protocol, console)
     result = {"task": spec.task.name, "task_settings": spec.task.kwargs, **result}
+    console.print(f"[bold]bigmodel ensemble[/] {len(members)} members on {suites.entry_name({'task': task})} "
+                  f"({len(train)} train / {len(test)} test images): fine-tuning each in turn")
     for member, step in zip(result["members"], steps, strict=True):
         member["step"] = step
     result["provenance"] = provenance(device=str(next(members[0][1].parameters()).device), sets=list(sets),

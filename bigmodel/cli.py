@@ -96,6 +96,8 @@ def cmd_components(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+        if args.name not in zoo_names():
+            raise RecipeError(f"zoo {args.name!r}: no such recipe; zoo: {', '.join(zoo_names())}")
 def cmd_data_shard(args: argparse.Namespace, console: Console) -> int:
     """``bigmodel data shard SRC [key=value ...] DST --size N``: SRC is a registered dataset, or a
     recipe (zoo name or YAML file) whose ``data`` section is taken; ``key=value`` set that

@@ -79,7 +79,17 @@ class FewShot(Protocol):
         pred = torch.from_numpy(clf.predict(x_test.numpy()))
         return 100.0 * (pred == y_test).float().mean().item()
 
+    def check(self, targets: torch.Tensor) -> None:
+        super().check(targets)
+        classes, counts = targets[targets >= 0].unique(return_counts=True)
+        smallest = int(counts.argmin())
+        have = int(counts[smallest])
+        if max(self.shots) > have:
+            raise ValueError(f"shots = {self.shots}: {max(self.shots)} shots per class, but class "
+                             f"{int(classes[smallest])} has only {have} training images; use shots <= {have}")
+
     def fit_score(self, x_train, y_train, x_test, y_test) -> dict[str, Any]:
+        self.check(y_train)
         per_shot = {}
         for k in self.shots:
             runs = []

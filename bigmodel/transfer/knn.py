@@ -19,10 +19,11 @@ from bigmodel.transfer.base import Protocol
 
 def knn_predict(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, k: int,
                 temperature: float, num_classes: int, chunk: int = 1024) -> torch.Tensor:
-    """Class scores ``(N_test, num_classes)``."""
+    """Class scores ``(N_test, num_classes)`` from ``(N, D)`` train and test features."""
+    if k > len(x_train):
+        raise ValueError(f"k = {k} is more than the {len(x_train)} training images; use k <= {len(x_train)}")
     train = F.normalize(x_train.float(), dim=1)
     scores = []
-    k = min(k, len(train))
     for i in range(0, len(x_test), chunk):
         sim = F.normalize(x_test[i:i + chunk].float(), dim=1) @ train.T
         top, idx = sim.topk(k, dim=1)
@@ -46,7 +47,13 @@ class KNN(Protocol):
         self.temperature = temperature
         self.center = center
 
+    def check(self, targets: torch.Tensor) -> None:
+        super().check(targets)
+        if self.k > len(targets):
+            raise ValueError(f"k = {self.k} is more than the {len(targets)} training images; use k <= {len(targets)}")
+
     def fit_score(self, x_train, y_train, x_test, y_test) -> dict[str, float]:
+        self.check(y_train)
         if self.center:
             mean = x_train.mean(0)
             x_train, x_test = x_train - mean, x_test - mean

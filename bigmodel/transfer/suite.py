@@ -58,8 +58,9 @@ def run_suite(specs: list[TransferSpec], subjects: dict[str, Backbone | None], b
                     if net is None:
                         feats[key] = (base.pixels(train), base.pixels(test))
                     else:
-                        feats[key] = (base.features(net, train, batch_size, dtype),
-                                      base.features(net, test, batch_size, dtype))
+                        feats[key] = tuple(base.features(net, split, batch_size, dtype, console,
+                                                         f"  features {task_label(row)}/{name} · {subject}")
+                                           for name, split in (("train", train), ("test", test)))
                 t0 = time.perf_counter()
                 res = protocol.fit_score(feats[key][0], train.targets, feats[key][1], test.targets)
             res["seconds"] = round(time.perf_counter() - t0, 2)
@@ -71,6 +72,8 @@ def run_suite(specs: list[TransferSpec], subjects: dict[str, Backbone | None], b
 
 
 def versions() -> dict[str, str]:
+        console.print(f"transfer {len(rows) + 1}/{len(specs)}: {task_label(row)} · {protocol_label(row)} "
+                      f"({len(train)} train / {len(test)} test images)", highlight=False)
     """Versions of Python, bigmodel and the libraries a number depends on."""
     import bigmodel
 

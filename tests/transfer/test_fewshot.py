@@ -57,3 +57,19 @@ def test_settings_validate():
     assert FewShot(shots=[1, 5], primary=1).primary == 1
     with pytest.raises(ValueError, match="primary"):
         FewShot(shots=[1, 5], primary=10)
+
+
+def test_more_shots_than_the_smallest_class_is_refused_naming_the_limit():
+    y = _labels()  # classes 0..4 with 8..12 images: class 0 is the smallest
+    FewShot(shots=[1, 8]).check(y)  # exactly the smallest class's count is fine
+    with pytest.raises(ValueError) as err:
+        FewShot(shots=[1, 9]).check(y)
+    assert str(err.value) == "shots = [1, 9]: 9 shots per class, but class 0 has only 8 training images; use shots <= 8"
+    with pytest.raises(ValueError, match=r"shots = \[9\]: 9 shots per class"):  # fit_score checks first too
+        FewShot(shots=[9], seeds=1).fit_score(torch.randn(50, 4), y, torch.randn(5, 4), y[:5])
+
+
+def test_a_task_with_one_class_is_refused():
+    with pytest.raises(ValueError) as err:
+        FewShot(shots=[1]).check(torch.full((6,), 3))
+    assert str(err.value) == "the task's training split has only class 3; a transfer protocol needs at least 2 classes"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from bigmodel import api, cli
@@ -55,7 +56,7 @@ def test_suite_over_digits_and_mnist_end_to_end(tiny_run, mnist_npz, tmp_path):
         {"task": mnist, "protocol": "finetune", "steps": 4, "batch_size": 16, "flip": False},
     ]}))
     rows = api.transfer(tiny_run, suite=str(suite), sets=["task.limit=200"])
-    report = json.loads((tiny_run / "transfer" / "tiny.json").read_text())
+    report = json.loads(_one(tiny_run, "tiny-*.json").read_text())
     assert [r["protocol"] for r in report["transfer"]] == ["knn", "fewshot", "linear", "fewshot", "finetune"]
     assert [r["results"]["pretrained"]["top1"] for r in report["transfer"]] == \
         pytest.approx([r["results"]["pretrained"]["top1"] for r in rows])
@@ -73,12 +74,18 @@ def test_suite_over_digits_and_mnist_end_to_end(tiny_run, mnist_npz, tmp_path):
     assert finetune["results"]["pretrained"]["schedule"]["resize"] == 20  # 16 · 160/128
 
 
+def _one(run, pattern):
+    files = sorted((run / "transfer").glob(pattern))
+    assert len(files) == 1, files
+    return files[0]
+
+
 def test_cli_task_protocol_with_sets_and_the_run_report(tiny_run, capsys):
     code = cli.main(["transfer", str(tiny_run), "--task", "digits", "--protocol", "fewshot",
                      "--set", "shots=[2]", "--set", "seeds=2", "--json"])
     assert code == 0
     assert '"shots": [' in capsys.readouterr().out  # --json
-    saved = json.loads((tiny_run / "transfer" / "digits-fewshot.json").read_text())
+    saved = json.loads(_one(tiny_run, "digits-fewshot-*.json").read_text())
     assert saved["transfer"][0]["settings"]["shots"] == [2]
     assert saved["transfer"][0]["results"]["pretrained"]["primary_shots"] == 2
     assert cli.main(["transfer", str(tiny_run), "--suite", "digits", "--set", "nokey=1"]) == 2
@@ -86,3 +93,64 @@ def test_cli_task_protocol_with_sets_and_the_run_report(tiny_run, capsys):
     assert run_report["transfer"][0]["protocol"] == "knn"
     assert run_report["transfer_provenance"]["step"] == 6
     assert "torch" in run_report["transfer_provenance"]["versions"]
+
+
+def test_transfers_with_other_settings_keep_their_own_files(tiny_run, capsys):
+    """Two --set values: two files, each with its settings; the same settings again: the same file."""
+    for k in (3, 5, 3):
+        assert cli.main(["transfer", str(tiny_run), "--task", "digits", "--protocol", "knn", "--set", f"k={k}"]) == 0
+    files = sorted((tiny_run / "transfer").glob("digits-knn-*.json"))
+    settings = [json.loads(f.read_text())["transfer"][0]["settings"] for f in files]
+    assert sorted(s["k"] for s in settings) == [3, 5]
+    specs = {k: suites.specs([{"task": "digits", "protocol": "knn", "k": k}]) for k in (3, 5)}
+    assert sorted(f.name for f in files) == sorted(f"digits-knn-{suites.settings_id(s)}.json" for s in specs.values())
+    out = capsys.readouterr().out
+    assert "transfer 1/1: digits · knn (1347 train / 450 test images)" in out
+    assert out.count("  features digits/train · pretrained: 1347/1347 images") == 3
+
+
+def test_settings_id_covers_defaults_and_values():
+    def sid(**kw):
+        return suites.settings_id(suites.specs([{"task": "digits", "protocol": "knn", **kw}]))
+
+    assert sid() == sid(k=20)  # k=20 is knn's default: the same settings, the same file
+    assert sid(k=5) != sid(k=20) and sid(k=5) == sid(k=5)
+    assert suites.settings_id(suites.specs([{"task": {"name": "digits", "test_fraction": 0.5}, "protocol": "knn"}])) != sid()
+
+
+@pytest.mark.parametrize("entry, sets, line", [
+    ({"task": "digits", "protocol": "knn"}, ["k=100000"],
+     "transfer.0 (digits · knn): k = 100000 is more than the 1347 training images; use k <= 1347"),
+    ({"task": "digits", "protocol": "fewshot"}, ["shots=[1, 500]"],
+     "transfer.0 (digits · fewshot): shots = [1, 500]: 500 shots per class, but class 8 has only 131 "
+     "training images; use shots <= 131"),
+    ({"task": {"name": "digits", "test_fraction": 0.98}, "protocol": "knn", "k": 36}, [],
+     "transfer.0 (digits · knn): k = 36 is more than the 35 training images; use k <= 35"),
+])
+def test_impossible_settings_are_refused_before_any_work(entry, sets, line):
+    with pytest.raises(RecipeError) as err:
+        suites.check(suites.specs([entry], sets))
+    assert str(err.value) == line
+
+
+def test_feature_progress_line(tiny_mlp, monkeypatch):
+    """Off a terminal: one line every `every` seconds and one at the end, with exact counts and rates."""
+    import io
+
+    from rich.console import Console
+
+    from bigmodel.data.base import TensorImages
+    from bigmodel.transfer import base
+
+    data = TensorImages(torch.randint(0, 255, (140, 1, 8, 8), dtype=torch.uint8), torch.arange(140) % 2)
+    net = tiny_mlp()
+    silent = base.features(net, data, batch_size=40)
+    ticks = iter([0.0, 1.0, 16.0, 17.0, 20.0])  # start, then one reading per batch of 40
+    monkeypatch.setattr(base, "_clock", lambda: next(ticks))
+    console = Console(file=io.StringIO(), width=200)
+    got = base.features(net, data, batch_size=40, console=console, label="features t/train · pretrained")
+    assert torch.equal(got, silent)  # progress changes nothing
+    assert console.file.getvalue().splitlines() == [
+        "features t/train · pretrained: 80/140 images  5 images/s  eta 12s",  # 80 images in 16 s; 60 left
+        "features t/train · pretrained: 140/140 images  7 images/s",
+    ]
