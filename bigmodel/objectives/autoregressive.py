@@ -9,6 +9,9 @@ the loss: cross-entropy of token t given tokens < t, averaged over all positions
 
 ``setup`` fits the palette (k-means over pixels of the pretraining data, at the backbone's
 resolution) before training; it is stored in the backbone's buffers, so checkpoints carry it.
+In-memory data gives a seeded random draw of images; a stream (``shards``) gives the images of
+its first batches as one process reads them with seed ``palette_seed`` (deterministic, the
+same on every rank, and spread over every stream's range of the corpus).
 ``sample`` draws new images and ``complete`` fills in the lower half of given ones.
 """
 
@@ -27,6 +30,24 @@ from bigmodel.architectures.sequence import SequenceModel
 from bigmodel.data.base import ImageDataset
 from bigmodel.objectives.base import Objective
 from bigmodel.registry import OBJECTIVES
+
+
+def palette_sample(dataset: ImageDataset, n: int, seed: int) -> torch.Tensor:
+    """uint8 ``(min(n, len), C, H, W)`` images to fit a palette on: a seeded random draw from a
+    map-style dataset, or the first batches of a stream, which cannot be indexed: those rank 0 of
+    a one-process run reads with seed ``seed``, so every rank of a distributed run fits the same
+    palette."""
+    n = min(n, len(dataset))
+    if hasattr(dataset, "step_batches"):  # streamed: read, never index
+        batch = min(n, 256)
+        out, got = [], 0
+        for images, _ in dataset.step_batches(range(-(-n // batch)), batch, seed, rank=0, world=1):
+            out.append(images[: n - got])
+            got += len(out[-1])
+        return torch.cat(out)
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    images = getattr(dataset, "images", None)
+    return images[idx] if images is not None else torch.stack([dataset[int(i)][0] for i in idx])
 
 
 @OBJECTIVES.register("autoregressive")
@@ -53,12 +74,8 @@ class Autoregressive(Objective):
         nn.init.normal_(self.head.weight, std=0.02)
 
     def setup(self, dataset: ImageDataset) -> None:
-        """Fit the backbone's palette to pixels of ``palette_images`` random training images."""
-        g = torch.Generator().manual_seed(self.palette_seed)
-        idx = torch.randperm(len(dataset), generator=g)[: self.palette_images]
-        images = getattr(dataset, "images", None)
-        images = images[idx] if images is not None else torch.stack([dataset[int(i)][0] for i in idx])
-        x = self.to_input(images)
+        """Fit the backbone's palette to pixels of ``palette_images`` training images."""
+        x = self.to_input(palette_sample(dataset, self.palette_images, self.palette_seed))
         self.backbone.palette.fit(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), seed=self.palette_seed)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:

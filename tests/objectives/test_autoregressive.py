@@ -64,3 +64,45 @@ def test_resolve_refuses_a_non_causal_lstm(override: str) -> None:
 
     with pytest.raises(RecipeError, match="'autoregressive' cannot train architecture 'lstm': it needs causal"):
         resolve("pixel-lstm", [override])
+
+
+def test_igpt_pretrains_on_shards(tmp_path) -> None:
+    """The palette of a stream comes from its first batches (it cannot be indexed): the same
+    images a one-process reader gets with ``palette_seed``, the same palette on every setup; and
+    a few steps of igpt pretraining run on shards written by ``write_shards``."""
+    import json
+
+    from rich.console import Console
+
+    from bigmodel.data.shards import Shards, write_shards
+    from bigmodel.objectives.autoregressive import palette_sample
+    from bigmodel.recipe import validate
+    from bigmodel.train import build
+    from bigmodel.train.trainer import pretrain
+
+    g = torch.Generator().manual_seed(0)
+    levels = torch.tensor([0, 60, 120, 180, 255], dtype=torch.uint8)
+    images = levels[torch.randint(0, 5, (40, 1, 6, 6), generator=g)]
+    write_shards(TensorImages(images, torch.full((40,), -1)), tmp_path / "shards", "train", 10)
+
+    stream = Shards(str(tmp_path / "shards"), streams=2, shuffle=4)
+    first = next(stream.step_batches(range(1), 20, 3, rank=0, world=1))[0]  # step 0, batch 20, seed 3
+    assert torch.equal(palette_sample(stream, 20, seed=3), first)
+    assert len(palette_sample(stream, 500, seed=3)) == 40  # at most the corpus
+
+    recipe = validate({
+        "architecture": {"name": "igpt", "size": "tiny", "image_size": 6, "in_chans": 1, "colours": 4},
+        "data": {"name": "shards", "urls": str(tmp_path / "shards"), "streams": 2, "shuffle": 4},
+        "objective": {"name": "autoregressive", "palette_images": 20, "palette_seed": 3},
+        "optim": {"batch_size": 8, "steps": 3, "warmup_steps": 1},
+        "run": {"out": str(tmp_path / "run"), "checkpoint_every": 3, "log_every": 1}})
+    data, model = build.experiment(recipe)
+    (tmp_path / "run").mkdir()
+    summary = pretrain(recipe, tmp_path / "run", data, model, Console(quiet=True))
+    assert summary["steps_done"] == 3 and bool(model.backbone.palette.fitted)
+
+    reference = IGPT(size="tiny", image_size=6, in_chans=1, colours=4).palette  # k-means on those 20 images' pixels
+    reference.fit(model.to_input(first).permute(0, 2, 3, 1).reshape(-1, 1), seed=3)
+    torch.testing.assert_close(model.backbone.palette.colours.cpu(), reference.colours, rtol=0, atol=0)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
