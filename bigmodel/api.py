@@ -43,8 +43,6 @@ def prepare_run_dir(recipe: Recipe) -> Path:
 def _strip(raw: dict[str, Any]) -> dict[str, Any]:
     """Parts of a recipe that may change between a run and its resumption (how it logs, not what it computes)."""
     run = {k: v for k, v in (raw.get("run") or {}).items() if k not in ("log_every", "num_workers", "eval_batch_size")}
-        if transfer:
-            suites.check(recipe.transfer)  # e.g. kNN k above the task's images: refused before pretraining
     return {**raw, "run": run}
 
 
@@ -63,6 +61,8 @@ def run(recipe: Recipe, console: Console | None = None, transfer: bool = True) -
     t0 = time.perf_counter()
     try:
         data, model = build.experiment(recipe)
+        if transfer:
+            suites.check(recipe.transfer)  # e.g. kNN k above the task's images: refused before pretraining
     except (ValueError, FileNotFoundError) as e:  # problems only building reveals, still before any write
         raise RecipeError(str(e)) from e
     run_dir = prepare_run_dir(recipe)
@@ -131,9 +131,9 @@ def transfer(ckpt: str | Path, specs: list | None = None, console: Console | Non
     """
     console = console or Console()
     net, found, recipe = load_backbone(ckpt)
+    what = "transfer"
     if specs is None:
         entries = suites.load_suite(suite) if suite else (recipe.raw.get("transfer") or [])
-    what = "transfer"
         what = Path(suite).stem if suite else "recipe"
         specs = suites.specs(entries, sets)
     elif all(isinstance(s, dict) for s in specs):
@@ -141,8 +141,6 @@ def transfer(ckpt: str | Path, specs: list | None = None, console: Console | Non
         specs = suites.specs(specs, sets)
     elif sets:
         raise ValueError("sets apply to raw entries or suites, not to validated specs")
-    dev = build.device(recipe.run)
-    dtype = build.autocast_dtype(recipe.run, dev)
     if not specs:
         raise RecipeError(f"{ckpt}: no transfer entries to score; give --suite NAME or --task and --protocol")
     suites.check(specs)
@@ -150,6 +148,8 @@ def transfer(ckpt: str | Path, specs: list | None = None, console: Console | Non
     path = run_dir_of(found) / "transfer" / f"{name}.json"
     step = checkpoint.load_meta(found)["step"]
     console.print(f"[bold]bigmodel transfer[/] {found} (step {step}): {len(specs)} entries → {path}")
+    dev = build.device(recipe.run)
+    dtype = build.autocast_dtype(recipe.run, dev)
     rows = run_suite(specs, {"pretrained": net}, recipe.run.eval_batch_size, dtype, console)
     console.print(table(rows))
     prov = provenance(found, step, dtype, str(dev), suite=what, sets=list(sets),
@@ -173,19 +173,19 @@ def ensemble(ckpts: list[str | Path], task: str | dict[str, Any], sets: list[str
     spec = suites.specs([{"task": task, "protocol": "finetune"}], sets)[0]
     protocol = PROTOCOLS.build("finetune", **spec.protocol.kwargs)
     train, test = (materialize(DATASETS.build(spec.task.name, split=s, **spec.task.kwargs)) for s in ("train", "test"))
-    members, steps = [], []
-    for ckpt in ckpts:
     try:
         protocol.check(train.targets)
     except ValueError as e:
         raise RecipeError(f"ensemble on {suites.entry_name({'task': task})}: {e}") from None
+    members, steps = [], []
+    for ckpt in ckpts:
         net, found, _ = load_backbone(ckpt)
         members.append((str(ckpt), net))
         steps.append(checkpoint.load_meta(found)["step"])
-    result = ens.ensemble(members, train, test, protocol, console)
-    result = {"task": spec.task.name, "task_settings": spec.task.kwargs, **result}
     console.print(f"[bold]bigmodel ensemble[/] {len(members)} members on {suites.entry_name({'task': task})} "
                   f"({len(train)} train / {len(test)} test images): fine-tuning each in turn")
+    result = ens.ensemble(members, train, test, protocol, console)
+    result = {"task": spec.task.name, "task_settings": spec.task.kwargs, **result}
     for member, step in zip(result["members"], steps, strict=True):
         member["step"] = step
     result["provenance"] = provenance(device=str(next(members[0][1].parameters()).device), sets=list(sets),

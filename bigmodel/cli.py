@@ -74,6 +74,8 @@ def cmd_ensemble(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_zoo(args: argparse.Namespace, console: Console) -> int:
     if args.name:
+        if args.name not in zoo_names():
+            raise RecipeError(f"zoo {args.name!r}: no such recipe; zoo: {', '.join(zoo_names())}")
         print(zoo_text(args.name), end="")
         return 0
     for name in zoo_names():
@@ -96,8 +98,6 @@ def cmd_components(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-        if args.name not in zoo_names():
-            raise RecipeError(f"zoo {args.name!r}: no such recipe; zoo: {', '.join(zoo_names())}")
 def cmd_data_shard(args: argparse.Namespace, console: Console) -> int:
     """``bigmodel data shard SRC [key=value ...] DST --size N``: SRC is a registered dataset, or a
     recipe (zoo name or YAML file) whose ``data`` section is taken; ``key=value`` set that

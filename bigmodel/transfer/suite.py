@@ -46,6 +46,8 @@ def run_suite(specs: list[TransferSpec], subjects: dict[str, Backbone | None], b
         protocol = PROTOCOLS.build(spec.protocol.name, **spec.protocol.kwargs)
         row = {"task": spec.task.name, "task_settings": spec.task.kwargs, "protocol": spec.protocol.name,
                "settings": protocol.settings(), "n_train": len(train), "n_test": len(test), "results": {}}
+        console.print(f"transfer {len(rows) + 1}/{len(specs)}: {task_label(row)} · {protocol_label(row)} "
+                      f"({len(train)} train / {len(test)} test images)", highlight=False)
         for subject, net in subjects.items():
             if not protocol.frozen:
                 if net is None:
@@ -72,8 +74,6 @@ def run_suite(specs: list[TransferSpec], subjects: dict[str, Backbone | None], b
 
 
 def versions() -> dict[str, str]:
-        console.print(f"transfer {len(rows) + 1}/{len(specs)}: {task_label(row)} · {protocol_label(row)} "
-                      f"({len(train)} train / {len(test)} test images)", highlight=False)
     """Versions of Python, bigmodel and the libraries a number depends on."""
     import bigmodel
 
