@@ -10,23 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-from bigmodel.architectures.base import Backbone
 from bigmodel.train.logging import read_metrics
-
-
-def forward_gflops(backbone: Backbone) -> float:
-    """GFLOPs of one image through the backbone (forward), counted by PyTorch's FlopCounterMode."""
-    dev = next(backbone.parameters()).device
-    x = torch.zeros(1, backbone.in_chans, backbone.image_size, backbone.image_size, device=dev)
-    was_training = backbone.training
-    backbone.eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        backbone(x)
-    backbone.train(was_training)
-    return counter.get_total_flops() / 1e9
 
 
 def write(run_dir: Path, summary: dict[str, Any]) -> tuple[Path, Path]:

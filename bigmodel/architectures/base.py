@@ -46,6 +46,12 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.forward_features(x))
 
+    def forward_full(self, x: torch.Tensor) -> torch.Tensor:
+        """Every layer of the network on images ``(B, C, H, W)``: the computation its FLOPs
+        describe. The pooled features by default; a backbone whose features stop early (iGPT's
+        ``feature_layer``) runs the rest too."""
+        return self(x)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -89,6 +89,10 @@ class IGPT(SequenceModel):
             x = block(x, is_causal=True)
         return self.norm(x)
 
+    def forward_full(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` → every block's output, normed, ``(B, T, D)`` (what pretraining runs)."""
+        return self.forward_tokens(self.tokens(x))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` → hidden states of block ``feature_layer``, layer-normalised, ``(B, T, D)``."""
         h = self._embed(self.tokens(x))
