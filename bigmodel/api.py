@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from bigmodel.analysis import report
+from bigmodel.analysis import flops, report
 from bigmodel.recipe import Recipe, RecipeError, validate
 from bigmodel.train import build, checkpoint
 from bigmodel.train.trainer import pretrain
@@ -80,7 +80,7 @@ def run(recipe: Recipe, console: Console | None = None, transfer: bool = True) -
         return result
     backbone = model.backbone
     result["model"] = {"backbone_params": backbone.num_params(), "total_params": sum(p.numel() for p in model.parameters()),
-                       "forward_gflops_per_image": round(report.forward_gflops(backbone), 4)}
+                       **flops.for_run(recipe, data, model)}
     if transfer and recipe.transfer:
         t1 = time.perf_counter()
         subjects = {"pretrained": backbone, "random_init": build.random_twin(recipe, data).to(build.device(recipe.run)),
