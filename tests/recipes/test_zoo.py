@@ -1,16 +1,19 @@
-"""Every zoo recipe validates, opens with its command, and runs end to end in tiny mode."""
+"""Every zoo recipe validates, opens with its command, and runs end to end in tiny mode, reproducing
+its golden losses."""
 
 from __future__ import annotations
-
-import json
-import math
 
 import pytest
 from safetensors.torch import load_file
 
 from bigmodel import api
+from bigmodel.data.base import materialize
 from bigmodel.recipe import load_raw, resolve, zoo_names
+from bigmodel.registry import DATASETS
 from bigmodel.train import checkpoint
+from bigmodel.transfer.base import pixels
+from tests.recipes.test_golden import assert_golden, golden_overrides
+from tests.transfer.test_reference import REFERENCES
 
 SHARED = "$BIGMODEL_SHARED_DATA/"
 # quickstart's tiny mode scores the whole embedded digits set (slow here); it is the CLI's own
@@ -45,21 +48,28 @@ def test_recipe_opens_with_its_command_and_validates(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TINY_RUNS)
 def test_recipe_runs_in_tiny_mode(name, tmp_path, request):
-    overrides = _data_overrides(load_raw(name), request)
-    recipe = resolve(name, ["run.tiny=true", f"run.out={tmp_path / name}", *overrides])
+    """The recipe's golden run end to end: its losses are the recorded ones (test_golden.py), its
+    transfer rows are accuracies over the 300 tiny test images, and raw pixels score exactly what
+    the scikit-learn / numpy references of tests/transfer/test_reference.py score."""
+    out = tmp_path / name
+    recipe = resolve(name, [*golden_overrides(out), *_data_overrides(load_raw(name), request)])
     result = api.run(recipe)
     assert result["pretrain"]["steps_done"] == recipe.optim.steps
+    assert_golden(name, out)
     assert [r["protocol"] for r in result["transfer"]] == ["linear", "knn"]
-    for row in result["transfer"]:
+    for row, spec in zip(result["transfer"], recipe.transfer, strict=True):
+        n = row["n_test"]
+        assert (row["n_train"], n) == (300, 300)  # the tiny mode's task limit, both splits
         assert set(row["results"]) == {"pretrained", "random_init", "pixels"}
-        assert all(0 <= r["top1"] <= 100 for r in row["results"].values())
-    assert (tmp_path / name / "report.json").is_file()
-    metrics = [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    assert metrics and all(math.isfinite(m["loss"]) for m in metrics)
+        for res in row["results"].values():  # a share of n images: a whole number of them right
+            assert res["top1"] == pytest.approx(100 * round(res["top1"] * n / 100) / n, abs=1e-4)
+        train, test = (materialize(DATASETS.build(spec.task.name, split=s, **spec.task.kwargs)) for s in ("train", "test"))
+        expected = REFERENCES[row["protocol"]](row["settings"], pixels(train).numpy(), train.targets.numpy(),
+                                               pixels(test).numpy(), test.targets.numpy())
+        assert round(row["results"]["pixels"]["top1"] * n / 100) == expected
+    assert (out / "report.json").is_file()
     if recipe.data.name == "npz" and recipe.objective.name != "supervised":
         assert recipe.data.kwargs["labels"] is False  # self-supervised recipes ignore labels
-    if "moe" in recipe.architecture.kwargs:
-        assert all(m["aux_loss"] > 0 for m in metrics)
     if recipe.objective.name == "autoregressive":  # the fitted palette travels in the checkpoint
-        weights = load_file(str(checkpoint.latest(tmp_path / name) / "model.safetensors"))
-        assert weights["backbone.palette.fitted"].item()
+        weights = load_file(str(checkpoint.latest(out) / "model.safetensors"))
+        assert weights["backbone.palette.fitted"].item() is True
