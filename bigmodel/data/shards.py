@@ -38,7 +38,7 @@ from PIL import Image
 from pydantic import Field
 from torch.utils.data import IterableDataset
 
-from bigmodel.data.base import ImageDataset, TensorImages
+from bigmodel.data.base import ImageDataset, TensorImages, expand_path
 from bigmodel.registry import DATASETS
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "npy")
@@ -117,7 +117,8 @@ class Shards(IterableDataset, ImageDataset):
     Args:
         urls: a folder written by ``bigmodel data shard`` (it holds ``{split}.json``), or shard
             URLs with braces, e.g. ``data/train-{000000..000009}.tar``; ``{split}`` in them is
-            replaced by the split. Anything webdataset opens works (paths, http(s), ``pipe:``).
+            replaced by the split, ``$BIGMODEL_SHARED_DATA`` in a local path by the shared data
+            folder. Anything webdataset opens works (paths, http(s), ``pipe:``).
         index: the ``{split}.json`` index for explicit ``urls`` (default: the one beside the first
             shard if it is there; else the shards are counted once by reading them).
         streams: independent read streams per rank; DataLoader workers each serve whole streams,
@@ -213,7 +214,8 @@ def _stack(items: list[tuple[torch.Tensor, int]], ds: Shards) -> tuple[torch.Ten
 
 def _resolve(urls: str, split: str, index: str | None) -> tuple[list[str], dict[str, Any]]:
     """Shard URLs and the metadata (counts, channels, image_size, num_classes, classes)."""
-    folder = Path(urls).expanduser()
+    urls = str(expand_path(urls)) if "://" not in urls and not urls.startswith("pipe:") else urls
+    folder = Path(urls)
     if folder.is_dir():
         index_path = folder / f"{split}.json"
         if index is None and not index_path.is_file():

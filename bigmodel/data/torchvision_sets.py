@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from torchvision import datasets as tvd
 
-from bigmodel.data.base import TensorImages, from_numpy
+from bigmodel.data.base import TensorImages, expand_path, from_numpy
 from bigmodel.registry import DATASETS
 
 DEFAULT_ROOT = os.environ.get("BIGMODEL_DATA", "~/.cache/bigmodel/data")
@@ -49,7 +48,7 @@ def _stl10_files() -> tuple[list[str], str]:
 def _load(name: str, root: str, download: bool, files: tuple[list[str], str],
           make: Callable[[str, bool], object]) -> object:
     """Check the files (unless downloading), then build torchvision's dataset with clear errors."""
-    base = Path(root).expanduser()
+    base = expand_path(root)
     required, source = files
     if not download:
         missing = [f for f in required if not (base / f).is_file()]

@@ -147,3 +147,9 @@ def test_a_killed_pretraining_run_resumes_exactly_on_shards(corpus: Path, tmp_pa
     shutil.rmtree(tmp_path / "killed" / "checkpoints" / "step_00000006")  # as if killed before step 6 was saved
     resumed = run(tmp_path / "killed", workers=0)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_urls_may_name_the_shared_data_folder(corpus: Path, monkeypatch):
+    monkeypatch.setenv("BIGMODEL_SHARED_DATA", str(corpus.parent))
+    ds = Shards(f"$BIGMODEL_SHARED_DATA/{corpus.name}")
+    assert len(ds) == N and ds.urls[0] == str(corpus / "train-000000.tar")
