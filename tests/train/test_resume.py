@@ -1,19 +1,32 @@
-"""Exact resume: a run killed with SIGKILL mid-training and resumed ends bit-identical to an
-uninterrupted run; a half-written checkpoint is never loaded."""
+"""Exact resume: a run killed with SIGKILL mid-training, or stopped by SIGTERM, and resumed ends
+bit-identical to an uninterrupted run (the supervised quickstart, and the tiny zoo recipes of every
+other objective); a half-written checkpoint is never loaded; the learning-rate schedule it resumes
+into has its stated values."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from rich.console import Console
 from safetensors.torch import load_file
 
+from bigmodel import api
 from bigmodel.cli import main
+from bigmodel.recipe import OptimConfig, resolve
 from bigmodel.train import checkpoint
+from bigmodel.train.trainer import lr_at
 from tests.helpers import REPO, cli, env
 
 ARGS = ["quickstart", "run.tiny=true", "optim.steps=16", "run.checkpoint_every=2", "run.log_every=1",
@@ -77,3 +90,73 @@ def test_half_written_checkpoints_are_never_loaded(tmp_path) -> None:
     assert not (folder / ".tmp-step_00000006").exists()  # stale temp folders are cleared
     assert checkpoint.latest(folder).name == "step_00000006"
     assert checkpoint.load_state(checkpoint.latest(folder))["step"] == 6
+
+
+@contextlib.contextmanager
+def sigterm_after(updates: int) -> Iterator[None]:
+    """Send this process SIGTERM right after the ``updates``-th optimizer step (a global optimizer
+    hook: nothing of the trainer is patched). Refuses to when no SIGTERM handler is installed, which
+    would kill the test run itself."""
+    count = 0
+
+    def hook(opt, args, kwargs) -> None:
+        nonlocal count
+        count += 1
+        if count == updates:
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "training installed no SIGTERM handler"
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("name", ["mae-vit", "simclr-resnet", "igpt", "mae-vit-moe"])
+def test_zoo_recipe_stopped_and_resumed_is_bit_exact(name, tmp_path, mnist_npz) -> None:
+    """MAE (global-RNG masks), SimCLR (two augmented views), iGPT (a fitted palette) and V-MoE (routing)
+    resume exactly: 4 tiny steps straight vs stopped by SIGTERM after step 1 and resumed."""
+    def recipe(out: Path):
+        return resolve(name, ["run.tiny=true", "run.precision=fp32", "run.log_every=1", f"data.path={mnist_npz}",
+                              f"run.out={out}"])
+
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    quiet = Console(quiet=True)
+    assert api.run(recipe(whole), quiet, transfer=False)["pretrain"]["steps_done"] == 4
+    with sigterm_after(1):
+        first = api.run(recipe(stopped), quiet, transfer=False)["pretrain"]
+    assert (first["stopped"], first["steps_done"]) == (True, 1)
+    assert checkpoint.latest(stopped).name == "step_00000001"
+    assert api.run(recipe(stopped), quiet, transfer=False)["pretrain"]["steps_done"] == 4
+
+    a = load_file(str(checkpoint.latest(whole) / "model.safetensors"))
+    b = load_file(str(checkpoint.latest(stopped) / "model.safetensors"))
+    assert checkpoint.latest(stopped).name == "step_00000004" and a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    straight, resumed = _metrics(whole), _metrics(stopped)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
+    cfg = recipe(whole).optim
+    assert [m["lr"] for m in straight] == [lr_at(s, cfg) for s in range(4)]  # step s logs as s + 1
+
+
+def test_lr_schedule_values() -> None:
+    """Linear warm-up to lr over warmup_steps (step s trains at lr·(s+1)/warmup), then a half cosine
+    from lr at the end of warm-up to lr·min_lr_ratio at step == steps."""
+    cfg = OptimConfig(lr=1e-3, steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4, rel=1e-12)  # first step: lr / warmup_steps
+    assert lr_at(4, cfg) == pytest.approx(5e-4, rel=1e-12)
+    assert lr_at(9, cfg) == pytest.approx(1e-3, rel=1e-12)  # last warm-up step reaches lr
+    assert lr_at(10, cfg) == pytest.approx(1e-3, rel=1e-12)  # cosine starts at lr
+    assert lr_at(55, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), rel=1e-12)  # mid cosine: halfway to the floor
+    # last trained step (99): 0.5·(1 + cos(π·89/90)) = sin²(π/180)
+    assert lr_at(99, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * math.sin(math.pi / 180) ** 2), rel=1e-12)
+    assert lr_at(100, cfg) == pytest.approx(1e-4, rel=1e-12)  # the floor, lr · min_lr_ratio
+    no_warmup = OptimConfig(lr=2e-3, steps=4, warmup_steps=0, min_lr_ratio=0.0)
+    assert [lr_at(s, no_warmup) for s in range(4)] == pytest.approx(
+        [2e-3, 1e-3 * (1 + math.cos(math.pi / 4)), 1e-3, 1e-3 * (1 + math.cos(3 * math.pi / 4))], rel=1e-12)
