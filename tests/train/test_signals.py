@@ -1,0 +1,136 @@
+"""Stops: SIGTERM to a real pretraining process checkpoints and exits with status 3, and the resumed
+run ends bit-identical to an uninterrupted one; a non-finite loss stops the run with one clear line
+and a non-zero status, keeping the last good checkpoint intact (it loads and resumes to the
+uninterrupted run's weights)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.nn.modules.module import register_module_forward_hook
+
+from bigmodel import cli
+from bigmodel.objectives.base import Objective
+from bigmodel.train import checkpoint
+from tests.helpers import REPO, env
+
+TINY = ["quickstart", "run.tiny=true", "run.precision=fp32", "run.log_every=1"]
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def test_sigterm_checkpoints_exits_3_and_resumes_bit_exact(tmp_path) -> None:
+    args = [*TINY, "optim.steps=24", "run.checkpoint_every=1000"]  # no periodic checkpoint before the signal's
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert cli.main(["pretrain", *args, f"run.out={whole}"]) == 0
+
+    p = subprocess.Popen([sys.executable, "-m", "bigmodel", "pretrain", *args, f"run.out={stopped}"], cwd=REPO,
+                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((stopped / "metrics.jsonl").exists() and (stopped / "metrics.jsonl").read_text().strip()):
+        assert p.poll() is None, f"the run ended before the signal: {p.communicate()}"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == getattr(cli, "EXIT_STOPPED", 3) == 3, err
+    k = int(re.search(r"stopped at step (\d+); checkpoint saved", out).group(1))
+    assert 1 <= k < 24
+    assert checkpoint.latest(stopped).name == f"step_{k:08d}"  # the signal's checkpoint, and only it
+    assert steps_logged(stopped) == list(range(1, k + 1))
+
+    assert cli.main(["pretrain", "--resume", str(stopped)]) == 0
+    assert checkpoint.latest(stopped).name == "step_00000024"
+    assert_same_weights(checkpoint.latest(whole), checkpoint.latest(stopped))
+    assert steps_logged(stopped) == list(range(1, 25))
+
+
+@contextlib.contextmanager
+def poisoned_objective(call: int, *, grads_only: bool = False) -> Iterator[None]:
+    """Make the ``call``-th forward of any objective return a NaN loss (with ``grads_only``: a finite
+    loss whose backward yields NaN gradients, as an overflow in the backward pass would). A global
+    forward hook: nothing of the package is patched."""
+    count = 0
+
+    class NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    def hook(module, args, out):
+        nonlocal count
+        if not isinstance(module, Objective):
+            return None
+        count += 1
+        if count != call:
+            return None
+        return {**out, "loss": NanGrad.apply(out["loss"]) if grads_only else out["loss"] * float("nan")}
+
+    handle = register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _diverge(tmp_path: Path, capsys, nan_at: int, grads_only: bool = False) -> tuple[int, str, Path, Path]:
+    """An uninterrupted 6-step run, and the same run poisoned at step ``nan_at``."""
+    args = [*TINY, "run.checkpoint_every=2"]
+    whole, bad = tmp_path / "whole", tmp_path / "bad"
+    assert cli.main(["pretrain", *args, f"run.out={whole}"]) == 0
+    capsys.readouterr()
+    with poisoned_objective(nan_at, grads_only=grads_only):
+        status = cli.main(["pretrain", *args, f"run.out={bad}"])
+    return status, capsys.readouterr().err, whole, bad
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys) -> None:
+    status, err, whole, bad = _diverge(tmp_path, capsys, nan_at=5)
+    assert status != 0 and status == getattr(cli, "EXIT_DIVERGED", status)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "loss became nan at step 5" in lines[0] and f"last good checkpoint stays in {bad / 'checkpoints'}" in lines[0]
+    assert "optim.lr" in lines[0]  # what to try
+    last = checkpoint.latest(bad)
+    assert last.name == "step_00000004" and steps_logged(bad) == [1, 2, 3, 4]
+    assert_same_weights(whole / "checkpoints" / "step_00000004", last)  # intact: the straight run's step 4
+    assert cli.main(["pretrain", "--resume", str(bad)]) == 0  # it loads, and resumes to the straight end
+    assert_same_weights(checkpoint.latest(whole), checkpoint.latest(bad))
+
+
+@pytest.mark.xfail(strict=True, reason="package bug (bigmodel/train/trainer.py fit): only the loss is checked "
+                   "for finiteness, before the update, so a finite loss with non-finite gradients at a "
+                   "checkpoint step saves NaN weights as the 'last good checkpoint'; checking grad_norm "
+                   "(clip_grad_norm_'s result) before saving would fix it")
+def test_non_finite_gradients_never_reach_a_checkpoint(tmp_path, capsys) -> None:
+    status, err, _, bad = _diverge(tmp_path, capsys, nan_at=4, grads_only=True)  # 4: a checkpoint step
+    assert status != 0
+    last = checkpoint.latest(bad)
+    assert all(torch.isfinite(w).all() for w in weights(last).values()), f"{last.name} holds NaN weights"
