@@ -7,8 +7,10 @@ normalised float batch ``(B, 3, 32, 32)`` ready for the model, in the same proce
 
 - PIL: torchvision.transforms on one PIL image at a time in a map-style Dataset, a DataLoader
   with 2 workers (the usual recipe);
-- batched: bigmodel.data.loader.batches (in-memory tensors indexed directly) and the vectorised
-  transforms of bigmodel.data.transforms on the whole batch, in the main process.
+- batched: bigmodel.data.loader.batches (in-memory tensors indexed directly) and the functions
+  training calls on the whole batch, in the main process: bigmodel.data.augment.random_resized_crop
+  (SimCLR's crop, the framework's only resized crop) and bigmodel.data.transforms.random_crop_flip
+  (the supervised objective's pad-and-crop).
 
 Two augmentation families: RandomResizedCrop + flip, and pad-4 random crop + flip. The batched
 side is measured with 1 and with 2 intra-op threads (on a busy shared machine two threads can be
@@ -31,7 +33,8 @@ from torchvision import transforms as T
 
 from bigmodel.data.base import from_numpy
 from bigmodel.data.loader import batches
-from bigmodel.data.transforms import random_crop_flip, random_resized_crop, to_input
+from bigmodel.data.augment import random_resized_crop
+from bigmodel.data.transforms import random_crop_flip, to_input
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10.npz"
 
@@ -90,7 +93,7 @@ def main() -> None:
     cases = {
         "random resized crop + flip": (
             T.RandomResizedCrop(32, antialias=True),
-            lambda v, g: random_resized_crop(v, g, 32)),
+            lambda v, g: random_resized_crop(v, 32, g, flip_prob=0.5)),
         "pad-4 random crop + flip": (
             T.RandomCrop(32, padding=4, padding_mode="reflect"),
             lambda v, g: random_crop_flip(v, g, pad=4)),

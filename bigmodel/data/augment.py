@@ -7,7 +7,8 @@ the same outputs, which keeps training steps a pure function of ``(seed, step)``
 
 These are the augmentations of SimCLR (Chen et al., 2020, arXiv:2002.05709, appendix A), written
 to match torchvision's ``RandomResizedCrop``, ``ColorJitter``, ``RandomGrayscale`` and
-``GaussianBlur`` in distribution, with two simplifications noted where they occur.
+``GaussianBlur`` in distribution, with two simplifications noted where they occur (colour jitter).
+:func:`random_resized_crop` is the framework's only resized crop (objectives, benchmarks).
 """
 
 from __future__ import annotations
@@ -24,27 +25,57 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
+def random_resized_crop_boxes(b: int, h: int, w: int, generator: torch.Generator,
+                              scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                              tries: int = 10) -> tuple[torch.Tensor, ...]:
+    """Crop boxes of torchvision's ``RandomResizedCrop.get_params``, ``b`` at once, in pixels.
+
+    Per box: an area ``~U(scale) · h · w`` and an aspect ratio ``~logU(ratio)``, redrawn up to
+    ``tries`` times until the box fits in the image, at a uniform position; the whole image when
+    no try fits (torchvision then centre-crops to the nearest allowed ratio: the same for square
+    images). Boxes are continuous (torchvision rounds the sides to whole pixels).
+
+    Returns:
+        ``(x0, y0, cw, ch)``, each ``(b,)`` float: left, top, width and height.
+    """
+    area = torch.empty(b, tries).uniform_(scale[0], scale[1], generator=generator) * (h * w)
+    log_r = torch.empty(b, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    cw, ch = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()
+    fits = (cw <= w) & (ch <= h)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
+    found = fits.any(1)
+    cw = torch.where(found, cw.gather(1, first).squeeze(1), torch.tensor(float(w)))
+    ch = torch.where(found, ch.gather(1, first).squeeze(1), torch.tensor(float(h)))
+    x0 = torch.rand(b, generator=generator) * (w - cw)
+    y0 = torch.rand(b, generator=generator) * (h - ch)
+    return x0, y0, cw, ch
+
+
 def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator,
                         scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                        flip_prob: float = 0.0) -> torch.Tensor:
-    """Crop a random area fraction ``~U(scale)`` with aspect ratio ``~logU(ratio)`` at a random
-    position, resize it to ``size`` (bilinear) and mirror it horizontally with ``flip_prob``.
+                        flip_prob: float = 0.0, tries: int = 10) -> torch.Tensor:
+    """Inception-style random resized crop (and horizontal flip) of a float batch, vectorised: the
+    one crop of the framework, matching torchvision's ``RandomResizedCrop`` in distribution.
 
-    ``(B, C, H, W)`` → ``(B, C, size, size)``. Unlike torchvision, which retries a crop that does not
-    fit and falls back to a centre crop, a side that would exceed the image is clipped to it.
+    Boxes come from :func:`random_resized_crop_boxes`; each is resized to ``size`` (bilinear) and
+    mirrored with probability ``flip_prob``, all by one ``grid_sample`` (the flip folded into the
+    sampling grid). No antialiasing: crops much larger than ``size`` alias slightly.
+
+    Args:
+        x: ``(B, C, H, W)`` float.
+        size: output side.
+    Returns:
+        ``(B, C, size, size)``.
     """
-    b = x.shape[0]
-    area = _uniform(b, *scale, generator)
-    log_ratio = _uniform(b, math.log(ratio[0]), math.log(ratio[1]), generator).exp()
-    w = (area * log_ratio).sqrt().clamp(max=1.0)  # crop width / image width
-    h = (area / log_ratio).sqrt().clamp(max=1.0)
-    cx = (2 * torch.rand(b, generator=generator) - 1) * (1 - w)  # centre in [-1, 1] coordinates
-    cy = (2 * torch.rand(b, generator=generator) - 1) * (1 - h)
-    mirror = torch.where(torch.rand(b, generator=generator) < flip_prob, -1.0, 1.0)
+    b, c, h, w = x.shape
+    x0, y0, cw, ch = random_resized_crop_boxes(b, h, w, generator, scale, ratio, tries)
+    sx = cw / w
+    if flip_prob > 0:
+        sx = torch.where(torch.rand(b, generator=generator) < flip_prob, -sx, sx)
     theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = w * mirror, cx
-    theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    grid = F.affine_grid(theta.to(x), [b, x.shape[1], size, size], align_corners=False)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * x0 + cw) / w - 1  # output [-1, 1] → the box, in input coords
+    theta[:, 1, 1], theta[:, 1, 2] = ch / h, (2 * y0 + ch) / h - 1
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [b, c, size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 

@@ -6,8 +6,6 @@ pure function of ``(seed, step)``: this is what makes resumed runs bit-identical
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -50,41 +48,3 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4, 
         mask = torch.rand(b, generator=generator) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
     return x
-
-
-def random_resized_crop(x: torch.Tensor, generator: torch.Generator, size: int,
-                        scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                        flip: bool = True, tries: int = 10) -> torch.Tensor:
-    """Inception-style random resized crop (and horizontal flip) of a float batch, vectorised.
-
-    Per sample: an area fraction from ``scale`` and a log-uniform aspect ratio from ``ratio``,
-    redrawn up to ``tries`` times until the box fits (as torchvision's ``RandomResizedCrop``; the
-    whole image when none does), a uniform position, then one bilinear ``grid_sample`` for the
-    whole batch. Boxes are continuous (sub-pixel), and a flip is folded into the same sampling
-    grid. No antialiasing: crops much larger than ``size`` alias slightly.
-
-    Args:
-        x: ``(B, C, H, W)`` float.
-        size: output side.
-    Returns:
-        ``(B, C, size, size)``.
-    """
-    b, c, h, w = x.shape
-    area = torch.empty(b, tries).uniform_(scale[0], scale[1], generator=generator) * (h * w)
-    log_r = torch.empty(b, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    cw, ch = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()
-    fits = (cw <= w) & (ch <= h)
-    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
-    found = fits.any(1)
-    cw = torch.where(found, cw.gather(1, first).squeeze(1), torch.tensor(float(w)))
-    ch = torch.where(found, ch.gather(1, first).squeeze(1), torch.tensor(float(h)))
-    x0 = torch.rand(b, generator=generator) * (w - cw)
-    y0 = torch.rand(b, generator=generator) * (h - ch)
-    sx = cw / w
-    if flip:
-        sx = torch.where(torch.rand(b, generator=generator) < 0.5, -sx, sx)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * x0 + cw) / w - 1  # output [-1, 1] → the box, in input coords
-    theta[:, 1, 1], theta[:, 1, 2] = ch / h, (2 * y0 + ch) / h - 1
-    grid = F.affine_grid(theta.to(x.device, x.dtype), [b, c, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

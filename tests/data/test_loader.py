@@ -9,7 +9,8 @@ import torch
 from bigmodel.data.base import TensorImages
 from bigmodel.data.fractals import Fractals
 from bigmodel.data.loader import _Steps, batches, rank_world
-from bigmodel.data.transforms import random_crop_flip, random_resized_crop
+from bigmodel.data.augment import random_resized_crop
+from bigmodel.data.transforms import random_crop_flip
 
 
 def _tensor_set(n: int = 50) -> TensorImages:
@@ -70,19 +71,19 @@ def test_rank_world_from_environment(monkeypatch):
 def test_random_resized_crop_matches_its_definition():
     x = torch.arange(64.0).view(1, 1, 8, 8).repeat(6, 3, 1, 1)
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(random_resized_crop(x, g, 8, scale=(1, 1), ratio=(1, 1), flip=False), x)
-    flipped = random_resized_crop(x, torch.Generator().manual_seed(0), 8, scale=(1, 1), ratio=(1, 1))
+    assert torch.equal(random_resized_crop(x, 8, g, scale=(1, 1), ratio=(1, 1)), x)
+    flipped = random_resized_crop(x, 8, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1), flip_prob=0.5)
     assert all(torch.equal(f, s) or torch.equal(f, s.flip(-1)) for f, s in zip(flipped, x, strict=True))
-    y = random_resized_crop(x, g, 5, scale=(0.1, 0.5))
+    y = random_resized_crop(x, 5, g, scale=(0.1, 0.5), flip_prob=0.5)
     assert y.shape == (6, 3, 5, 5) and y.min() >= 0 and y.max() <= 63
     # a crop of half the width and height (area 1/4) covers a quarter of the image's span
-    q = random_resized_crop(x, g, 8, scale=(0.25, 0.25), ratio=(1, 1), flip=False)
+    q = random_resized_crop(x, 8, g, scale=(0.25, 0.25), ratio=(1, 1))
     span_rows = (q[:, 0, -1, 0] - q[:, 0, 0, 0]) / 8
     assert torch.allclose(span_rows, torch.full((6,), 3.5), atol=1e-4)
 
 
 def test_augmentations_are_reproducible_from_the_generator():
     x = torch.rand(4, 3, 12, 12)
-    for aug in (lambda g: random_resized_crop(x, g, 10), lambda g: random_crop_flip(x, g)):
+    for aug in (lambda g: random_resized_crop(x, 10, g, flip_prob=0.5), lambda g: random_crop_flip(x, g)):
         a, b = aug(torch.Generator().manual_seed(7)), aug(torch.Generator().manual_seed(7))
         assert torch.equal(a, b) and not torch.equal(a, aug(torch.Generator().manual_seed(8)))
