@@ -4,10 +4,37 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
+from bigmodel import api
 from bigmodel.cli import main
+from bigmodel.data.digits import digits
+from bigmodel.transfer.base import features, pixels
 from tests.helpers import cli
+from tests.transfer.test_reference import REFERENCES
+
+
+def vit_params(width: int, depth: int, patch: int, chans: int, tokens: int, mlp: int = 4) -> int:
+    """Parameters of a timm ViT backbone (class token, learned positions, pre-norm blocks, final
+    norm, no head), counted by hand."""
+    d = width
+    block = 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + 2 * d + (d * mlp * d + mlp * d) + (mlp * d * d + d)
+    return (patch * patch * chans * d + d) + d + tokens * d + depth * block + 2 * d
+
+
+def vit_forward_flops(width: int, depth: int, patch: int, chans: int, tokens: int, mlp: int = 4) -> int:
+    """FLOPs (2 per multiply-accumulate, matrix products only) of one image through that ViT."""
+    d, n = width, tokens
+    block = 2 * n * d * 3 * d + 2 * n * d * d + 2 * (2 * n * d * mlp * d) + 4 * n * n * d  # qkv, proj, MLP, QKᵀ+AV
+    return 2 * (n - 1) * d * patch * patch * chans + depth * block
+
+
+def correct(top1: float, n: int) -> int:
+    """The number of right answers behind a top-1 % over ``n`` images (which must be a whole number)."""
+    count = round(top1 * n / 100)
+    assert top1 == pytest.approx(100 * count / n, abs=1e-4), f"{top1}% is no share of {n} images"
+    return count
 
 
 def test_tiny_run_end_to_end(tmp_path) -> None:
@@ -24,13 +51,19 @@ def test_tiny_run_end_to_end(tmp_path) -> None:
     report = json.loads((out / "report.json").read_text())
     rows = report["transfer"]
     assert [(r["task"], r["protocol"]) for r in rows] == [("digits", "linear"), ("digits", "knn")]
+    train, test = digits(split="train"), digits(split="test")
     for r in rows:
         assert set(r["results"]) == {"pretrained", "random_init", "pixels"}
-        assert all(0 <= v["top1"] <= 100 for v in r["results"].values())
-        assert r["n_train"] + r["n_test"] == 1797
-    # raw-pixel logistic regression on digits: the documented reference figure (~96.9%)
-    assert abs(rows[0]["results"]["pixels"]["top1"] - 96.9) < 1.0
-    assert report["model"]["backbone_params"] > 0 and report["model"]["forward_gflops_per_image"] > 0
+        assert (r["n_train"], r["n_test"]) == (1347, 450)  # digits' stratified 75/25 split
+        for v in r["results"].values():
+            correct(v["top1"], 450)
+        # raw pixels: exactly what the scikit-learn / numpy reference gets right
+        expected = REFERENCES[r["protocol"]](r["settings"], pixels(train).numpy(), train.targets.numpy(),
+                                             pixels(test).numpy(), test.targets.numpy())
+        assert correct(r["results"]["pixels"]["top1"], 450) == expected
+    # tiny quickstart backbone: ViT-nano (96 wide, 4 blocks) on 32² grey images in 8² patches: 16 + 1 tokens
+    assert report["model"]["backbone_params"] == vit_params(96, 4, 8, 1, 17) == 455_520
+    assert report["model"]["forward_gflops_per_image"] == pytest.approx(vit_forward_flops(96, 4, 8, 1, 17) / 1e9, rel=1e-4)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 6 and "loss" in metrics[-1] and "images_per_s" in metrics[-1]
 
@@ -41,17 +74,26 @@ def test_tiny_run_end_to_end(tmp_path) -> None:
 
 def test_transfer_command_on_a_checkpoint(tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    assert main(["pretrain", "quickstart", "run.tiny=true", f"run.out={out}"]) == 0
+    assert main(["pretrain", "quickstart", "run.tiny=true", "run.precision=fp32", f"run.out={out}"]) == 0
     capsys.readouterr()
     assert main(["transfer", str(out), "--task", "digits", "--protocol", "knn", "--json"]) == 0
     stdout = capsys.readouterr().out
     rows = json.loads(stdout[stdout.index("[\n"):])
-    assert rows[0]["protocol"] == "knn" and "pretrained" in rows[0]["results"]
+    assert [(r["protocol"], list(r["results"])) for r in rows] == [("knn", ["pretrained"])]
+    # the number is the reference kNN's on the checkpoint's own features
+    net = api.load_backbone(out)[0]
+    train, test = digits(split="train"), digits(split="test")
+    expected = REFERENCES["knn"](rows[0]["settings"], features(net, train).numpy(), train.targets.numpy(),
+                                 features(net, test).numpy(), test.targets.numpy())
+    assert correct(rows[0]["results"]["pretrained"]["top1"], 450) == expected
 
 
 def test_zoo_and_components_list(capsys) -> None:
+    from bigmodel.recipe import zoo_names
+
     assert main(["zoo"]) == 0
-    assert "quickstart" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()  # "NAME<pad to 20> first line of the recipe", maybe wrapped
+    assert [ln[:20].rstrip() for ln in lines if ln[:20].rstrip() in zoo_names()] == zoo_names()
     assert main(["components"]) == 0
     stdout = capsys.readouterr().out
     for name in ("vit", "resnet", "lstm", "igpt", "fractals", "digits", "npz", "supervised", "simclr", "mae",
