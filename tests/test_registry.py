@@ -17,17 +17,31 @@ TINY = {
 }
 
 
+# What each does with a batch of 2 at those settings: forward_features' shape, feature_dim, capabilities.
+EXPECTED = {
+    "vit": ((2, 17, 96), 96, {"tokens"}),  # 4×4 patches + class token, nano width
+    "resnet": ((2, 128, 2, 2), 128, set()),  # 512 · 0.25 channels at stride 8
+    "lstm": ((2, 16, 64), 64, set()),  # 16 patches, bidirectional 2 × 32
+    "igpt": ((2, 64, 64), 64, {"causal"}),  # one token per pixel, tiny width
+}
+
+
+def test_every_architecture_has_expectations() -> None:
+    assert sorted(EXPECTED) == ARCHITECTURES.names()
+
+
 @pytest.mark.parametrize("name", ARCHITECTURES.names())
 def test_backbone_interface(name: str) -> None:
     kwargs = TINY.get(name, {})
     net = ARCHITECTURES.build(name, **ARCHITECTURES.validate(name, kwargs))
     x = torch.randn(2, net.in_chans, net.image_size, net.image_size)
     feats = net.forward_features(x)
-    assert feats.ndim in (3, 4)
+    shape, dim, capabilities = EXPECTED[name]
+    assert (tuple(feats.shape), net.feature_dim) == (shape, dim)
     pooled = net.pool(feats)
-    assert pooled.shape == (2, net.feature_dim)
+    assert pooled.shape == (2, dim)
     assert torch.equal(net.eval()(x), net.pool(net.forward_features(x)))
-    assert isinstance(type(net).capabilities(**kwargs), set)
+    assert type(net).capabilities(**kwargs) == capabilities
 
 
 @pytest.mark.parametrize("registry", [ARCHITECTURES, OBJECTIVES, PROTOCOLS], ids=lambda r: r.kind)
