@@ -4,14 +4,15 @@ for a CPU) vs linear probe vs kNN vs few-shot (1/5/10) on MNIST and CIFAR-10 fro
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/transfer_protocols.py --checkpoint /tmp/b1/qs \\
         --pretrain architecture.patch_size=8 optim.steps=400 optim.warmup_steps=40 \\
         --out /tmp/b1/transfer_protocols.md
-    # the fine-tuning rows again with a higher learning rate than the rule's:
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/transfer_protocols.py --checkpoint /tmp/b1/qs \\
-        --protocols finetune --finetune steps=200 batch_size=128 lr=0.03 grad_clip=1.0 --name protocols-lr0.03
+    # fine-tuning only, beside the same protocol on the random-init twin (from scratch):
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/transfer_protocols.py --checkpoint runs/simclr-resnet \\
+        --protocols finetune --finetune schedule_scale=0.1 --mnist-limit 0 --from-scratch --name finetune-scratch
 
+``--from-scratch`` also fine-tunes the checkpoint's random-init twin (``build.random_twin``: the
+recipe's architecture and seed, no training) with the same protocol and steps, in its own column.
 With ``--pretrain`` the checkpoint is made first (``bigmodel pretrain quickstart OVERRIDES``) unless
 the directory already holds one. Writes a markdown table (and prints it); the rows with every
-setting, schedule and version are saved by ``bigmodel.api.transfer`` in
-``CHECKPOINT/transfer/protocols.json``.
+setting, schedule and version are saved in ``CHECKPOINT/transfer/NAME.json``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main() -> None:
     p.add_argument("--pretrain", nargs="*", default=None, metavar="KEY=VALUE",
                    help="make the checkpoint with `bigmodel pretrain quickstart KEY=VALUE...` first")
     p.add_argument("--data", default=None, help="folder with mnist.npz and cifar10.npz (default: ../shared/data)")
-    p.add_argument("--mnist-limit", type=int, default=10_000, help="first N images of each MNIST split")
+    p.add_argument("--mnist-limit", type=int, default=10_000, help="first N images of each MNIST split (0: all)")
     p.add_argument("--cifar-limit", type=int, default=None, help="first N images of each CIFAR-10 split")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--seeds", type=int, default=5)
@@ -38,6 +39,8 @@ def main() -> None:
                    help="finetune overrides of BiT-HyperRule (default: a CPU-sized schedule)")
     p.add_argument("--protocols", nargs="+", default=["finetune", "linear", "knn", "fewshot"],
                    help="which protocols to run (default: all four)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="also fine-tune the random-init twin of the backbone with the same protocol")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="transfer_protocols.md")
     p.add_argument("--name", default="protocols", help="report name: CHECKPOINT/transfer/NAME.json")
@@ -46,8 +49,9 @@ def main() -> None:
 
     from bigmodel import api
     from bigmodel.recipe import parse_override, resolve
-    from bigmodel.train import checkpoint
-    from bigmodel.transfer.suites import shared_data
+    from bigmodel.train import build, checkpoint
+    from bigmodel.transfer import suites
+    from bigmodel.transfer.suite import provenance, run_suite, write_report
 
     t_start = time.perf_counter()
     run_dir = Path(args.checkpoint)
@@ -56,7 +60,7 @@ def main() -> None:
         t0 = time.perf_counter()
         api.run(resolve("quickstart", [f"run.out={run_dir}", *args.pretrain]), transfer=False)
         pretrain_s = time.perf_counter() - t0
-    data = Path(args.data) if args.data else shared_data()
+    data = Path(args.data) if args.data else suites.shared_data()
     finetune = {}
     for kv in args.finetune:
         path, value = parse_override(kv)
@@ -70,7 +74,19 @@ def main() -> None:
                                 {"task": task, "protocol": "finetune", "flip": flip, **finetune})
                     if e["protocol"] in args.protocols]
     t0 = time.perf_counter()
-    rows = api.transfer(run_dir, entries, name=args.name)
+    net, found, recipe = api.load_backbone(run_dir)
+    dev = next(net.parameters()).device
+    dtype = build.autocast_dtype(recipe.run, dev)
+    specs = suites.specs(entries)
+    rows = run_suite(specs, {"pretrained": net}, recipe.run.eval_batch_size, dtype)
+    if args.from_scratch:  # the same fine-tuning protocol and steps on the random-init twin
+        twin = build.random_twin(recipe).to(dev)
+        for row, spec in zip(rows, specs, strict=True):
+            if spec.protocol.name == "finetune":
+                row["results"].update(run_suite([spec], {"from_scratch": twin})[0]["results"])
+    write_report(api.run_dir_of(found) / "transfer" / f"{args.name}.json", rows,
+                 provenance(found, checkpoint.load_meta(found)["step"], dtype, str(dev), suite=args.name,
+                            architecture=recipe.raw["architecture"], from_scratch=args.from_scratch))
     transfer_s = time.perf_counter() - t0
     text = markdown(rows, args, run_dir, pretrain_s, transfer_s, time.perf_counter() - t_start)
     Path(args.out).write_text(text)
@@ -84,7 +100,8 @@ def markdown(rows, args, run_dir, pretrain_s, transfer_s, total_s) -> str:
     meta = checkpoint.load_meta(checkpoint.latest(run_dir))
     arch = meta["recipe"]["architecture"]
     shots = args.shots
-    head = ["task", "n_train / n_test", "fine-tune", "linear", "kNN (k=20)", *(f"{k}-shot" for k in shots)]
+    scratch = ["fine-tune from scratch"] if args.from_scratch else []
+    head = ["task", "n_train / n_test", "fine-tune", *scratch, "linear", "kNN (k=20)", *(f"{k}-shot" for k in shots)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
     for task in dict.fromkeys(task_label(r) for r in rows):
@@ -93,8 +110,10 @@ def markdown(rows, args, run_dir, pretrain_s, transfer_s, total_s) -> str:
         few = res["fewshot"]["per_shot"] if "fewshot" in res else {}
         top1 = {k: f"{v['top1']:.2f}" for k, v in res.items()}
         first = next(iter(by.values()))
-        cells = [task, f"{first['n_train']} / {first['n_test']}",
-                 *(top1.get(k, "–") for k in ("finetune", "linear", "knn")),
+        ft_scratch = by.get("finetune", {}).get("results", {}).get("from_scratch")
+        cells = [task, f"{first['n_train']} / {first['n_test']}", top1.get("finetune", "–"),
+                 *([f"{ft_scratch['top1']:.2f}" if ft_scratch else "–"] if scratch else []),
+                 *(top1.get(k, "–") for k in ("linear", "knn")),
                  *(f"{few[k]['mean']:.2f} ± {few[k]['std']:.2f}" if k in few else "–" for k in shots)]
         lines.append("| " + " | ".join(cells) + " |")
         note = f"- {task}: seconds: " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in res.items())

@@ -1,9 +1,19 @@
-"""The one pretraining loop, shared by every architecture × objective pair."""
+"""The one training loop (:func:`fit`), shared by pretraining and fine-tuning.
+
+:func:`fit` knows nothing of recipes or protocols: it trains an objective-like module (``views`` and
+``forward(views, labels) -> {"loss", ...}``, see :class:`bigmodel.objectives.base.Objective`) with an
+optimizer, a learning-rate function and a stream of batches, through :func:`train_step`, and when
+given a folder it checkpoints, logs ``metrics.jsonl`` and resumes from there. :func:`pretrain` builds
+those from a recipe; :mod:`bigmodel.transfer.finetune` builds them from BiT-HyperRule.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +23,10 @@ from rich.console import Console
 from bigmodel.data.base import ImageDataset
 from bigmodel.objectives.base import Objective
 from bigmodel.recipe import OptimConfig, Recipe
-from bigmodel.train import build, checkpoint
+from bigmodel.train import checkpoint
 from bigmodel.train.logging import GracefulStop, MetricsLog, StepProgress
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -29,28 +41,113 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train_step(model: Objective, opt: torch.optim.Optimizer, views: list[torch.Tensor], labels: torch.Tensor,
-               cfg: OptimConfig, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Forward/backward over ``accum_steps`` micro-batches, clip, step. Returns detached scalars."""
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, views: list[torch.Tensor], labels: torch.Tensor,
+               accum_steps: int = 1, grad_clip: float | None = None,
+               dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Forward/backward over ``accum_steps`` micro-batches (under autocast to ``dtype`` when given),
+    clip the global gradient norm to ``grad_clip``, step. Returns detached scalars."""
     totals: dict[str, torch.Tensor] = {}
-    chunks = zip(*(v.chunk(cfg.accum_steps) for v in views), labels.chunk(cfg.accum_steps), strict=True)
+    chunks = zip(*(v.chunk(accum_steps) for v in views), labels.chunk(accum_steps), strict=True)
     for *micro, y in chunks:
         with torch.autocast(micro[0].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = model(list(micro), y)
-        (out["loss"] / cfg.accum_steps).backward()
+        (out["loss"] / accum_steps).backward()
         for k, v in out.items():
-            totals[k] = totals.get(k, 0) + v.detach().float() / cfg.accum_steps
-    if cfg.grad_clip is not None:
-        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            totals[k] = totals.get(k, 0) + v.detach().float() / accum_steps
+    if grad_clip is not None:
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return totals
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """How :func:`fit` runs. Without ``run_dir`` it neither checkpoints nor writes metrics."""
+
+    steps: int
+    seed: int = 0  # step ``s`` draws its views from a generator seeded by ``(seed, s)``
+    accum_steps: int = 1
+    grad_clip: float | None = None
+    dtype: torch.dtype | None = None  # autocast dtype; None = fp32
+    run_dir: Path | None = None  # checkpoints/ and metrics.jsonl go here; a run there is resumed
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    label: str = "pretrain"  # the progress line's label
+    lr_key: str = "optim.lr"  # named in the non-finite-loss message
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # saved in every checkpoint's meta.json
+
+
+def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, run_dir: Path | None,
+           console: Console) -> int:
+    """Load the latest checkpoint of ``run_dir`` (weights, optimizer, RNG) if any; its step, else 0."""
+    last = checkpoint.latest(run_dir / "checkpoints") if run_dir is not None else None
+    if last is None:
+        return 0
+    checkpoint.load_weights(last, model)
+    state = checkpoint.load_state(last)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    console.print(f"resuming from {last} (step {int(state['step'])})")
+    return int(state["step"])
+
+
+def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int], float],
+        batches_fn: Callable[[int], Batches], loop: Loop, console: Console) -> dict[str, Any]:
+    """Train ``model`` for steps ``[start, loop.steps)``, where ``start`` is the step of the latest
+    checkpoint in ``loop.run_dir`` (0 without one). ``batches_fn(start)`` yields ``(uint8 images
+    (B, C, H, W), labels (B,))`` per step; ``lr_fn(step)`` sets every parameter group's lr.
+
+    Returns ``{"steps_done", "stopped", "history"}``: ``history`` holds the records logged by this
+    call (every ``log_every`` steps and at checkpoints), as written to ``metrics.jsonl``.
+    """
+    dev = next(model.parameters()).device
+    ckpt_dir = loop.run_dir / "checkpoints" if loop.run_dir is not None else None
+    start = resume(model, opt, loop.run_dir, console)
+    if loop.run_dir is not None:
+        loop.run_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(loop.run_dir / "metrics.jsonl", start) if loop.run_dir is not None else None
+    history: list[dict[str, Any]] = []
+    images_seen, t_last, done = 0, time.perf_counter(), start
+    stop_ctx = GracefulStop() if ckpt_dir is not None else contextlib.nullcontext(GracefulStop())
+    with StepProgress(console, loop.steps, start, loop.label) as bar, stop_ctx as stop:
+        for step, (images, labels) in enumerate(batches_fn(start), start):
+            for group in opt.param_groups:
+                group["lr"] = lr_fn(step)
+            gen = torch.Generator().manual_seed(loop.seed * 1_000_003 + step)
+            views = [v.to(dev, non_blocking=True) for v in model.views(images, gen)]
+            out = train_step(model, opt, views, labels.to(dev), loop.accum_steps, loop.grad_clip, loop.dtype)
+            images_seen += len(images)
+            done = step + 1
+            boundary = ckpt_dir is not None and (done % loop.checkpoint_every == 0 or stop.requested)
+            if done % loop.log_every == 0 or boundary or done == loop.steps:
+                scalars = {k: float(v) for k, v in out.items()}  # the only host sync
+                if not math.isfinite(scalars["loss"]):
+                    kept = f"the last good checkpoint stays in {ckpt_dir}" if ckpt_dir else "nothing was saved"
+                    raise NonFiniteLoss(f"loss became {scalars['loss']} at step {done}; {kept} "
+                                        f"(try a lower {loop.lr_key})")
+                now = time.perf_counter()
+                scalars["images_per_s"] = images_seen / max(now - t_last, 1e-9)
+                history.append({"step": done, "lr": lr_fn(step), **scalars})
+                if log is not None:
+                    log.write(history[-1])
+                bar.update(done, {"loss": scalars["loss"], "img/s": scalars["images_per_s"]})
+                images_seen, t_last = 0, now
+            if boundary or (ckpt_dir is not None and done == loop.steps):
+                state = {"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": done}
+                checkpoint.save(ckpt_dir, done, model, state, loop.meta, keep=loop.keep_checkpoints)
+            if stop.requested:
+                break
+    return {"steps_done": done, "stopped": stop.requested, "history": history}
 
 
 def pretrain(recipe: Recipe, run_dir: Path, data: ImageDataset, model: Objective,
              console: Console | None = None) -> dict[str, Any]:
     """Pretrain ``model`` on ``data`` (both from :func:`build.experiment`) into ``run_dir``,
     resuming from its latest checkpoint if there is one. Returns a summary."""
+    from bigmodel.train import build  # build fills the registries, whose fine-tune protocol imports fit
+
     console = console or Console()
     cfg, run = recipe.optim, recipe.run
     model.setup(data)
@@ -58,48 +155,13 @@ def pretrain(recipe: Recipe, run_dir: Path, data: ImageDataset, model: Objective
     model.to(dev).train()
     opt = build.optimizer(model, cfg)
     dtype = build.autocast_dtype(run, dev)
-
-    ckpt_dir = run_dir / "checkpoints"
-    start, last = 0, checkpoint.latest(ckpt_dir)
-    if last is not None:
-        checkpoint.load_weights(last, model)
-        state = checkpoint.load_state(last)
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        start = int(state["step"])
-        console.print(f"resuming from {last} (step {start})")
-    log = MetricsLog(run_dir / "metrics.jsonl", start)
-
-    def save(step: int) -> None:
-        state = {"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": step}
-        checkpoint.save(ckpt_dir, step, model, state, {"recipe": recipe.raw}, keep=run.keep_checkpoints)
-
-    images_seen, t_last, done = 0, time.perf_counter(), start
-    stream = build.batches(data, cfg.batch_size, run.seed, start, cfg.steps, run.num_workers)
-    with StepProgress(console, cfg.steps, start, "pretrain") as bar, GracefulStop() as stop:
-        for step, (images, labels) in enumerate(stream, start):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            gen = torch.Generator().manual_seed(run.seed * 1_000_003 + step)
-            views = [v.to(dev, non_blocking=True) for v in model.views(images, gen)]
-            out = train_step(model, opt, views, labels.to(dev), cfg, dtype)
-            images_seen += len(images)
-            done = step + 1
-            boundary = done % run.checkpoint_every == 0 or done == cfg.steps or stop.requested
-            if done % run.log_every == 0 or boundary:
-                scalars = {k: float(v) for k, v in out.items()}  # the only host sync
-                if not math.isfinite(scalars["loss"]):
-                    raise NonFiniteLoss(f"loss became {scalars['loss']} at step {done}; the last good "
-                                        f"checkpoint stays in {ckpt_dir} (try a lower optim.lr)")
-                now = time.perf_counter()
-                scalars["images_per_s"] = images_seen / max(now - t_last, 1e-9)
-                log.write({"step": done, "lr": lr_at(step, cfg), **scalars})
-                bar.update(done, {"loss": scalars["loss"], "img/s": scalars["images_per_s"]})
-                images_seen, t_last = 0, now
-            if boundary:
-                save(done)
-            if stop.requested:
-                console.print(f"stopped at step {done}; checkpoint saved, resume with --resume {run_dir}")
-                break
-    return {"steps_done": done, "stopped": stop.requested, "device": str(dev),
+    loop = Loop(steps=cfg.steps, seed=run.seed, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, dtype=dtype,
+                run_dir=run_dir, checkpoint_every=run.checkpoint_every, keep_checkpoints=run.keep_checkpoints,
+                log_every=run.log_every, meta={"recipe": recipe.raw})
+    out = fit(model, opt, lambda step: lr_at(step, cfg),
+              lambda start: build.batches(data, cfg.batch_size, run.seed, start, cfg.steps, run.num_workers),
+              loop, console)
+    if out["stopped"]:
+        console.print(f"stopped at step {out['steps_done']}; checkpoint saved, resume with --resume {run_dir}")
+    return {"steps_done": out["steps_done"], "stopped": out["stopped"], "device": str(dev),
             "precision": str(dtype or torch.float32).replace("torch.", "")}

@@ -1,7 +1,8 @@
 """Ensembles of fine-tuned members — the "many small models combined" of the big-model idea.
 
 Each member backbone is fine-tuned on the task by the ``finetune`` protocol (BiT-HyperRule unless
-overridden), member ``i`` with seed ``seed + i`` (so one checkpoint listed twice still gives two
+overridden; the framework's training loop, with its progress line, checkpoints in the protocol's
+``checkpoint_dir`` and resume), member ``i`` with seed ``seed + i`` (so one checkpoint listed twice still gives two
 different members); the ensemble predicts the mean of the members' softmax probabilities
 (Lakshminarayanan et al., 2017). Reported on the test split: top-1 and negative log-likelihood of
 every member and of the ensemble.
@@ -39,7 +40,7 @@ def ensemble(members: Sequence[tuple[str, Backbone]], train: TensorImages, test:
     probs, rows = [], []
     for i, (name, net) in enumerate(members):
         t0 = time.perf_counter()
-        model, schedule = protocol.fit(net, train, seed=protocol.seed + i)
+        model, schedule = protocol.fit(net, train, seed=protocol.seed + i, console=console)
         p = protocol.predict_proba(model, test)
         del model
         rows.append({"member": name, "seed": protocol.seed + i, **scores(p, test.targets),

@@ -1,25 +1,31 @@
-"""finetune: BiT-HyperRule picks the published schedule; the protocol learns, is deterministic and
-never touches the caller's backbone."""
+"""finetune: BiT-HyperRule picks the published schedule; the protocol learns, is deterministic,
+never touches the caller's backbone, and trains through the one training loop (train_step,
+progress line, checkpoints, resume)."""
 
 from __future__ import annotations
 
+import io
+import json
+
 import pytest
 import torch
+from rich.console import Console
 
 from bigmodel.data.digits import digits
 from bigmodel.registry import PROTOCOLS
+from bigmodel.train import checkpoint, trainer
 from bigmodel.transfer.finetune import Finetune, hyperrule, random_crop
 
 
-@pytest.mark.parametrize(("n", "regime", "steps", "warmup", "mixup"), [
-    (5_000, "small", 500, 100, 0.0),
-    (100_000, "medium", 10_000, 500, 0.1),
-    (1_000_000, "large", 20_000, 500, 0.1),
+@pytest.mark.parametrize(("n", "regime", "steps", "warmup", "decays", "mixup"), [
+    (5_000, "small", 500, 100, (200, 300, 400), 0.0),
+    (100_000, "medium", 10_000, 500, (3_000, 6_000, 9_000), 0.1),
+    (1_000_000, "large", 20_000, 500, (6_000, 12_000, 18_000), 0.1),
 ])
-def test_hyperrule_published_schedule(n, regime, steps, warmup, mixup):
+def test_hyperrule_published_schedule(n, regime, steps, warmup, decays, mixup):
+    """BiT-HyperRule as published (arXiv:1912.11370 §3.3; bit_hyperrule.py of the code release)."""
     s = hyperrule(n)  # BiT's batch of 512
-    assert (s.regime, s.steps, s.warmup_steps, s.mixup_alpha) == (regime, steps, warmup, mixup)
-    assert s.decay_steps == (round(0.3 * steps), round(0.6 * steps), round(0.9 * steps))
+    assert (s.regime, s.steps, s.warmup_steps, s.decay_steps, s.mixup_alpha) == (regime, steps, warmup, decays, mixup)
     assert s.decay_factor == 0.1 and s.momentum == 0.9 and s.weight_decay == 0.0
     assert s.lr == pytest.approx(0.003)
     assert hyperrule(n, batch_size=128).lr == pytest.approx(0.003 * 128 / 512)
@@ -35,19 +41,22 @@ def test_hyperrule_boundaries_and_resolution():
     assert (large.resize, large.crop) == (410, 384)
 
 
-def test_hyperrule_shortened_schedules_keep_their_shape():
-    s = hyperrule(5_000, steps=50)
-    assert (s.steps, s.warmup_steps, s.decay_steps) == (50, 10, (15, 30, 45))
+def test_hyperrule_shortened_schedules_scale_the_published_boundaries():
+    s = hyperrule(5_000, steps=50)  # 500 → 50: warm-up 100 → 10, decays 200/300/400 → 20/30/40
+    assert (s.steps, s.warmup_steps, s.decay_steps) == (50, 10, (20, 30, 40))
     assert hyperrule(5_000, schedule_scale=0.1) == s
     m = hyperrule(100_000, schedule_scale=0.01)
     assert (m.steps, m.warmup_steps, m.decay_steps) == (100, 5, (30, 60, 90))
+    big = hyperrule(1_000_000, steps=1000)
+    assert (big.steps, big.warmup_steps, big.decay_steps) == (1000, 25, (300, 600, 900))
+    assert hyperrule(5_000, steps=100, decay_at=(0.5,)).decay_steps == (50,)
 
 
 def test_lr_schedule_warms_up_then_steps_down():
     s = hyperrule(5_000, batch_size=512)
     assert s.lr_at(0) == pytest.approx(0.003 / 100)
     assert s.lr_at(99) == pytest.approx(0.003)
-    assert [s.lr_at(t) for t in (149, 150, 300, 450, 499)] == pytest.approx([3e-3, 3e-4, 3e-5, 3e-6, 3e-6])
+    assert [s.lr_at(t) for t in (199, 200, 299, 300, 400, 499)] == pytest.approx([3e-3, 3e-4, 3e-4, 3e-5, 3e-6, 3e-6])
 
 
 def test_every_value_can_be_overridden():
@@ -90,3 +99,69 @@ def test_finetune_with_mixup_returns_probabilities(tiny_mlp):
     assert schedule.mixup_alpha == 0.1
     assert probs.shape == (len(test), 10)
     assert torch.allclose(probs.sum(1), torch.ones(len(test)), atol=1e-5)
+
+
+def _counting(monkeypatch, fail_at: int | None = None) -> list[int]:
+    """Wrap trainer.train_step: count calls; raise (a stand-in for a kill) on call ``fail_at``."""
+    calls, real = [], trainer.train_step
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    return calls
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_finetune_runs_through_the_training_loop_with_its_progress_line(tiny_mlp, monkeypatch):
+    calls = _counting(monkeypatch)
+    out = io.StringIO()
+    Finetune(steps=6, batch_size=16, lr=0.1).fit(tiny_mlp(), digits(split="train"), console=Console(file=out))
+    assert len(calls) == 6  # one trainer.train_step per fine-tuning step
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == [f"{i}/6" for i in range(1, 7)]  # StepProgress, log every step
+
+
+def test_finetune_checkpoints_and_a_killed_finetune_resumes_to_the_same_weights(tiny_mlp, monkeypatch, tmp_path):
+    train = digits(split="train")
+    protocol = Finetune(steps=8, batch_size=16, lr=0.1, mixup_alpha=0.2, checkpoint_every=2,
+                        checkpoint_dir=str(tmp_path / "ft"))
+    whole, _ = Finetune(steps=8, batch_size=16, lr=0.1, mixup_alpha=0.2).fit(tiny_mlp(), train, console=Console(quiet=True))
+
+    calls = _counting(monkeypatch, fail_at=5)  # dies in step 5, after the checkpoint of step 4
+    with pytest.raises(RuntimeError, match="killed"):
+        protocol.fit(tiny_mlp(), train, console=Console(quiet=True))
+    (run,) = (tmp_path / "ft").iterdir()
+    assert checkpoint.latest(run).name == "step_00000004"
+
+    calls.clear()
+    out = io.StringIO()
+    resumed, _ = protocol.fit(tiny_mlp(), train, console=Console(file=out, width=400))
+    assert len(calls) == 4 and f"resuming from {run / 'checkpoints' / 'step_00000004'}" in out.getvalue()
+    a, b = _weights(whole), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert checkpoint.latest(run).name == "step_00000008"
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    meta = checkpoint.load_meta(checkpoint.latest(run))["finetune"]
+    assert (meta["seed"], meta["schedule"]["steps"], meta["schedule"]["mixup_alpha"]) == (0, 8, 0.2)
+
+
+def test_finetunes_of_different_backbones_never_resume_each_other(tiny_mlp, tmp_path):
+    protocol = Finetune(steps=2, batch_size=16, lr=0.1, checkpoint_dir=str(tmp_path))
+    protocol.fit(tiny_mlp(seed=0), digits(split="train"), console=Console(quiet=True))
+    out = io.StringIO()
+    protocol.fit(tiny_mlp(seed=1), digits(split="train"), console=Console(file=out))
+    assert "resuming" not in out.getvalue() and len(list(tmp_path.iterdir())) == 2
+
+
+def test_finetune_stops_on_a_non_finite_loss(tiny_mlp):
+    with pytest.raises(trainer.NonFiniteLoss, match="at step 3; nothing was saved .try a lower finetune lr"):
+        Finetune(steps=3, batch_size=16, lr=1e30, warmup_steps=0).fit(tiny_mlp(), digits(split="train"),
+                                                                       console=Console(quiet=True))
