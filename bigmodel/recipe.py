@@ -28,13 +28,13 @@ class RecipeError(ValueError):
 
 
 class OptimConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # optim.lr=inf is a typo, not a setting
 
     name: Literal["adamw", "sgd"] = "adamw"
     lr: Annotated[float, Field(gt=0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 0.05
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     batch_size: Annotated[int, Field(ge=1)] = 128
     accum_steps: Annotated[int, Field(ge=1)] = 1
     steps: Annotated[int, Field(ge=1)] = 1000
@@ -50,7 +50,7 @@ class OptimConfig(BaseModel):
 
 
 class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     out: str = "runs/quickstart"
     seed: int = 0
