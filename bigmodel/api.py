@@ -18,35 +18,17 @@ from rich.console import Console
 from bigmodel.analysis import flops, report
 from bigmodel.recipe import Recipe, RecipeError, validate
 from bigmodel.train import build, checkpoint
+from bigmodel.train.logging import GracefulStop
+from bigmodel.train.run_dir import open_run
 from bigmodel.train.trainer import pretrain
 from bigmodel.transfer import suites
-from bigmodel.transfer.suite import PIXELS, provenance, run_suite, table, write_report
-
-
-def prepare_run_dir(recipe: Recipe) -> Path:
-    """Refuse to mix two recipes in one run directory; otherwise create it and save recipe.yaml."""
-    run_dir = Path(recipe.run.out)
-    saved = run_dir / "recipe.yaml"
-    if saved.exists():
-        previous = yaml.safe_load(saved.read_text())
-        if _strip(previous) != _strip(recipe.raw):
-            keys = sorted(k for k in set(previous) | set(recipe.raw) if previous.get(k) != recipe.raw.get(k))
-            raise RecipeError(f"run.out={str(run_dir)!r} holds a run of a different recipe (sections differ: "
-                              f"{', '.join(keys)}); choose another run.out or --resume {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_suffix(".yaml.tmp")
-    tmp.write_text(recipe.to_yaml())
-    tmp.replace(saved)
-    return run_dir
-
-
-def _strip(raw: dict[str, Any]) -> dict[str, Any]:
-    """Parts of a recipe that may change between a run and its resumption (how it logs, not what it computes)."""
-    run = {k: v for k, v in (raw.get("run") or {}).items() if k not in ("log_every", "num_workers", "eval_batch_size")}
-    return {**raw, "run": run}
+from bigmodel.transfer.suite import PIXELS, provenance, read_partial, run_suite, table, write_partial, write_report
 
 
 def load_recipe(run_dir: Path) -> Recipe:
+    """The recipe a run directory was trained with, its ``run.out`` set to ``run_dir`` (wherever
+    the folder is now: a run directory is identified by its place, not by the ``run.out`` it was
+    created with)."""
     path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
         raise RecipeError(f"--resume {run_dir}: no recipe.yaml there; is it a bigmodel run directory?")
@@ -65,7 +47,12 @@ def run(recipe: Recipe, console: Console | None = None, transfer: bool = True) -
             suites.check(recipe.transfer)  # e.g. kNN k above the task's images: refused before pretraining
     except (ValueError, FileNotFoundError) as e:  # problems only building reveals, still before any write
         raise RecipeError(str(e)) from e
-    run_dir = prepare_run_dir(recipe)
+    with open_run(recipe, console) as run_dir:  # run.out checked and locked; recipe.yaml saved
+        return _run_locked(recipe, run_dir, data, model, console, transfer, t0)
+
+
+def _run_locked(recipe: Recipe, run_dir: Path, data: Any, model: Any, console: Console, transfer: bool,
+                t0: float) -> dict[str, Any]:
     console.print(f"[bold]bigmodel run[/] → {run_dir}   {recipe.architecture.name} × {recipe.data.name} × "
                   f"{recipe.objective.name}   ({len(data)} training images)")
     skipped = getattr(data, "skipped", [])  # unreadable files a dataset left out (imagefolder)
@@ -83,18 +70,33 @@ def run(recipe: Recipe, console: Console | None = None, transfer: bool = True) -
                        **flops.for_run(recipe, data, model)}
     if transfer and recipe.transfer:
         t1 = time.perf_counter()
-        subjects = {"pretrained": backbone, "random_init": build.random_twin(recipe, data).to(build.device(recipe.run)),
-                    PIXELS: None}
-        rows = run_suite(recipe.transfer, subjects, recipe.run.eval_batch_size,
-                         build.autocast_dtype(recipe.run, build.device(recipe.run)), console)
+        dev = build.device(recipe.run)
+        dtype = build.autocast_dtype(recipe.run, dev)
+        prov = provenance(checkpoint.latest(run_dir / "checkpoints"), summary["steps_done"], dtype, str(dev))
+        partial = run_dir / "transfer" / "partial.json"
+        done = read_partial(partial, summary["steps_done"])
+        if done:
+            console.print(f"transfer: {len(done)} of {len(recipe.transfer)} rows already scored ({partial})",
+                          highlight=False)
+        subjects = {"pretrained": backbone, "random_init": build.random_twin(recipe, data).to(dev), PIXELS: None}
+
+        def keep(key: str, row: dict[str, Any]) -> None:  # each row is saved as soon as it is scored
+            done[key] = row
+            write_partial(partial, done, prov)
+
+        with GracefulStop() as stop:  # SIGTERM/SIGINT: finish the row in progress, keep the rows done
+            rows = run_suite(recipe.transfer, subjects, recipe.run.eval_batch_size, dtype, console,
+                             done=done, on_row=keep, stop=stop)
         result["transfer"] = rows
-        result["transfer_provenance"] = provenance(
-            checkpoint.latest(run_dir / "checkpoints"), summary["steps_done"],
-            build.autocast_dtype(recipe.run, build.device(recipe.run)), str(build.device(recipe.run)))
+        result["transfer_provenance"] = prov
+        if len(rows) < len(recipe.transfer):
+            result["stopped"] = {"phase": "transfer", "rows_done": len(rows), "rows": len(recipe.transfer)}
+            return result
         result["transfer_seconds"] = round(time.perf_counter() - t1, 1)
         console.print(table(rows))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     json_path, html_path = report.write(run_dir, result)
+    (run_dir / "transfer" / "partial.json").unlink(missing_ok=True)  # its rows are in report.json now
     console.print(f"report: {json_path}  {html_path}   ({result['seconds']:.0f}s)")
     return result
 

@@ -1,6 +1,16 @@
 """``bigmodel`` command line: run, pretrain, transfer, ensemble, zoo, components, data shard.
 
 Recipe problems print one ``recipe error:`` line and exit with status 2 before anything is written.
+
+Exit status, the same for every command:
+
+====  ==============================================================================================
+0     done
+2     bad input: a recipe, data, path, run-directory or checkpoint problem, told in one line on stderr
+3     stopped by SIGTERM/SIGINT: the checkpoint (pretraining) or the rows done (transfer) are saved;
+      rerun the same command to continue
+4     training diverged (non-finite loss); the last good checkpoint is kept
+====  ==============================================================================================
 """
 
 from __future__ import annotations
@@ -15,6 +25,11 @@ from rich.console import Console
 from bigmodel import api
 from bigmodel.recipe import RecipeError, resolve, zoo_names, zoo_text
 from bigmodel.train.trainer import NonFiniteLoss
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
+EXIT_DIVERGED = 4
 
 
 def _recipe(args: argparse.Namespace):
@@ -35,7 +50,14 @@ def _split_recipe_arg(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     recipe = _recipe(args)
     result = api.run(recipe, console, transfer=args.command == "run")
-    return 3 if result["pretrain"]["stopped"] else 0
+    if result["pretrain"]["stopped"]:
+        return EXIT_STOPPED
+    if "stopped" in result:
+        stop = result["stopped"]
+        print(f"stopped during transfer after {stop['rows_done']} of {stop['rows']} rows; rerun the same "
+              f"command to finish", file=sys.stderr)
+        return EXIT_STOPPED
+    return EXIT_OK
 
 
 @contextlib.contextmanager
@@ -192,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args, console)
     except RecipeError as e:
         print(f"recipe error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_DIVERGED
 
 
 if __name__ == "__main__":

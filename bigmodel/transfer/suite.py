@@ -13,6 +13,7 @@ import datetime
 import json
 import platform
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,38 @@ from bigmodel.transfer import base
 PIXELS = "pixels"
 
 
+def spec_key(spec: TransferSpec) -> str:
+    """What identifies a row across runs: task and protocol, each with its settings."""
+    return json.dumps([spec.task.name, spec.task.kwargs, spec.protocol.name, spec.protocol.kwargs],
+                      sort_keys=True, default=str)
+
+
 def run_suite(specs: list[TransferSpec], subjects: dict[str, Backbone | None], batch_size: int = 256,
-              dtype: torch.dtype | None = None, console: Console | None = None) -> list[dict[str, Any]]:
-    """Score every spec for every subject (``None`` = raw pixels). Returns one row per spec."""
+              dtype: torch.dtype | None = None, console: Console | None = None, *,
+              done: dict[str, dict[str, Any]] | None = None,
+              on_row: Callable[[str, dict[str, Any]], None] | None = None,
+              stop: Any = None) -> list[dict[str, Any]]:
+    """Score every spec for every subject (``None`` = raw pixels). Returns one row per spec.
+
+    Args:
+        done: rows already scored, by :func:`spec_key`: taken as they are, not recomputed.
+        on_row: called with ``(key, row)`` after each row is scored (to save it at once).
+        stop: anything with a ``requested`` flag (:class:`~bigmodel.train.logging.GracefulStop`):
+            once set, the suite ends after the row in progress and returns the rows so far, fewer
+            than ``specs``.
+    """
     console = console or Console()
+    done = done or {}
     splits: dict[str, tuple] = {}
     feats: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
     rows = []
     for spec in specs:
+        row_key = spec_key(spec)
+        if row_key in done:
+            rows.append(done[row_key])
+            continue
+        if stop is not None and stop.requested:
+            break
         task_key = repr((spec.task.name, sorted(spec.task.kwargs.items())))
         if task_key not in splits:
             splits[task_key] = tuple(materialize(DATASETS.build(spec.task.name, split=s, **spec.task.kwargs))
@@ -70,6 +95,8 @@ def run_suite(specs: list[TransferSpec], subjects: dict[str, Backbone | None], b
             console.print(f"  {task_label(row)} · {protocol_label(row)} · {subject}: top-1 {cell(res)}%",
                           highlight=False)
         rows.append(row)
+        if on_row is not None:
+            on_row(row_key, row)
     return rows
 
 
@@ -100,6 +127,28 @@ def write_report(path: Path, rows: list[dict[str, Any]], prov: dict[str, Any]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps({"provenance": prov, "transfer": rows}, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def read_partial(path: Path, step: int | None) -> dict[str, dict[str, Any]]:
+    """Rows a stopped suite saved to ``path`` (see :func:`write_partial`), by :func:`spec_key`;
+    empty when there is no readable file or its rows were scored at another checkpoint step."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        if saved["provenance"]["step"] != step:
+            return {}
+        return dict(zip(saved["keys"], saved["transfer"], strict=True))
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def write_partial(path: Path, done: dict[str, dict[str, Any]], prov: dict[str, Any]) -> Path:
+    """Write the rows scored so far with their keys (atomically), so that a stopped suite resumes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"provenance": prov, "keys": list(done), "transfer": list(done.values())},
+                              indent=1, default=str))
     tmp.replace(path)
     return path
 
