@@ -22,7 +22,15 @@ from bigmodel.train.logging import GracefulStop
 from bigmodel.train.run_dir import open_run
 from bigmodel.train.trainer import pretrain
 from bigmodel.transfer import suites
-from bigmodel.transfer.suite import PIXELS, provenance, read_partial, run_suite, table, write_partial, write_report
+from bigmodel.transfer.suite import (
+    PIXELS,
+    provenance,
+    read_partial,
+    run_suite,
+    table,
+    write_partial,
+    write_report,
+)
 
 
 def load_recipe(run_dir: Path) -> Recipe:
@@ -38,7 +46,14 @@ def load_recipe(run_dir: Path) -> Recipe:
 
 
 def run(recipe: Recipe, console: Console | None = None, transfer: bool = True) -> dict[str, Any]:
-    """Pretrain, transfer and report. Returns the report dict (also written to report.json)."""
+    """Pretrain, transfer and report. Returns the report dict (also written to report.json).
+
+    ``run.out`` is locked for the duration (see :mod:`bigmodel.train.run_dir`). SIGTERM/SIGINT stop
+    it cleanly, without a report: during pretraining at a checkpoint (``result["pretrain"]["stopped"]``),
+    during transfer after the row in progress, the rows done kept in ``RUN/transfer/partial.json``
+    (``result["stopped"] = {"phase": "transfer", "rows_done", "rows"}``). Running the same recipe
+    again resumes either: pretraining from its checkpoint, transfer with the missing rows only.
+    """
     console = console or Console()
     t0 = time.perf_counter()
     try:
