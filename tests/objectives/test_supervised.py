@@ -21,7 +21,15 @@ def test_mix_params_are_deterministic_per_generator():
     b = mix_params(16, torch.Generator().manual_seed(1), 0.4, 1.0)
     c = mix_params(16, torch.Generator().manual_seed(2), 0.4, 1.0)
     assert a.shape == (16, 6) and torch.equal(a, b) and not torch.equal(a, c)
-    assert ((a[:, 0] >= 0) & (a[:, 0] <= 1)).all()
+    lam, cut, box = a[:, 0], a[:, 1].bool(), a[:, 2:]
+    # a CutMix box inside the image is a square of side sqrt(1 - lam): the pasted share is 1 - lam
+    inside = cut & (box > 0).all(1) & (box < 1).all(1)
+    assert (int(cut.sum()), int(inside.sum())) == (6, 3)  # of 16 at this seed: 6 CutMix, 3 boxes unclipped
+    side = (1 - lam[inside]).sqrt()
+    torch.testing.assert_close(box[inside, 1] - box[inside, 0], side)
+    torch.testing.assert_close(box[inside, 3] - box[inside, 2], side)
+    never = mix_params(16, torch.Generator().manual_seed(1), 0.4, 1.0, prob=0.0)
+    assert torch.equal(never[:, :2], torch.tensor([[1.0, 0.0]]).expand(16, 2))  # lam 1, no CutMix
 
 
 def test_mixup_blends_images_and_targets_alike():
