@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from bigmodel.data.loader import rank_world
 from bigmodel.recipe import Recipe, RecipeError
 
 LOCK = ".lock"
@@ -88,14 +89,18 @@ def save_recipe(run_dir: Path, recipe: Recipe) -> None:
 
 
 @contextlib.contextmanager
-def open_run(recipe: Recipe, console: Console) -> Iterator[Path]:
+def open_run(recipe: Recipe, console: Console | None = None) -> Iterator[Path]:
     """Check, lock and prepare ``recipe.run.out`` for training; the lock is released on exit.
 
     Raises:
         RecipeError: ``run.out`` is unusable, in use by another process, or holds checkpoints of a
             different recipe (then nothing in it is changed).
     """
+    console = console or Console()
     run_dir = Path(recipe.run.out)
+    if rank_world()[0] != 0:  # only rank 0 writes (DESIGN.md §7): it holds the lock for all ranks
+        yield run_dir
+        return
     if run_dir.exists() and not run_dir.is_dir():
         raise RecipeError(f"run.out={str(run_dir)!r} is a file, not a folder; choose another run.out")
     if run_dir.is_dir():  # refuse a different recipe before creating anything, lock file included

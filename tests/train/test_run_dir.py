@@ -83,6 +83,20 @@ def test_a_second_lock_in_the_same_process_is_refused(tmp_path) -> None:
     assert not (tmp_path / LOCK).exists()
 
 
+def test_only_rank_0_locks_and_writes(tmp_path, monkeypatch) -> None:
+    from bigmodel.recipe import resolve
+    from bigmodel.train.run_dir import open_run
+
+    recipe = resolve("quickstart", ["run.tiny=true", f"run.out={tmp_path}/r"])
+    monkeypatch.setenv("RANK", "1")
+    with open_run(recipe) as run_dir:
+        assert run_dir == tmp_path / "r" and not run_dir.exists()
+    monkeypatch.setenv("RANK", "0")
+    with open_run(recipe) as run_dir:
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK, "recipe.yaml"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["recipe.yaml"]
+
+
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys) -> None:
     pid = dead_pid()
     (tmp_path / "r").mkdir()
