@@ -13,6 +13,16 @@ small inputs (``image_size <= 64`` under ``stem="auto"``) the stem is one 3x3 st
 conv with no pooling, as in the CIFAR ResNets; stages 2-4 then halve the map (28 → 28, 14, 7, 4).
 ``stem_stride=2`` makes that conv stride 2, a quarter of the compute for a CPU budget (28 → 14, 7,
 4, 2), still far gentler than BiT's stem.
+
+Initialisation. Each residual branch ends with its last convolution zero (``zero_init_last``, the
+"zero-γ" of Goyal et al., 2017, arXiv:1706.02677; timm's ``zero_init_last``), so at initialisation
+every block is its shortcut. Without it the random network is near chance as a feature extractor
+(CIFAR-10, ResNet-18 x0.25: kNN 10.8% / linear 12.6% on 5k/2k images; 20.0 / 22.1 with it): a
+weight-standardised convolution's output has a standard deviation of about ``sqrt(fan_in)`` (9·C
+for a 3x3 conv over C channels), so the branches drown the shortcuts and the random ResNet acts as a
+17-layer plain network of GroupNorm-ReLU-conv layers, whose output forgets its input. Pretraining is
+not slowed: weight standardisation makes a branch's scale independent of its weights, so a zero conv
+takes its full scale at the first update.
 """
 
 from __future__ import annotations
@@ -60,6 +70,8 @@ class ResNet(Backbone):
         stem_stride: stride of the ``small`` stem's conv (1, or 2 to save compute).
         groups: GroupNorm groups (32 in BiT).
         drop_path: stochastic depth rate.
+        zero_init_last: start each residual branch at zero (see the module docstring); ``false``
+            keeps timm's ResNetV2 initialisation, in which every branch is random.
     """
 
     def __init__(
@@ -72,6 +84,7 @@ class ResNet(Backbone):
         stem_stride: Literal[1, 2] = 1,
         groups: Annotated[int, Field(ge=1)] = 32,
         drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0,
+        zero_init_last: bool = True,
     ):
         super().__init__()
         layers, channels, bottleneck = DEPTHS[depth]
@@ -82,7 +95,7 @@ class ResNet(Backbone):
             layers=list(layers), channels=tuple(make_divisible(c * width) for c in channels),
             num_classes=0, in_chans=in_chans, stem_chs=stem_chs, stem_type="fixed",  # BiT's stem
             basic=not bottleneck, bottle_ratio=0.25 if bottleneck else 1.0,
-            conv_layer=conv, norm_layer=norm, drop_path_rate=drop_path,
+            conv_layer=conv, norm_layer=norm, drop_path_rate=drop_path, zero_init_last=zero_init_last,
         )
         if stem == "small" or (stem == "auto" and image_size <= SMALL_IMAGE):
             self.net.stem = nn.Sequential(OrderedDict(conv=conv(in_chans, stem_chs, kernel_size=3, stride=stem_stride)))
