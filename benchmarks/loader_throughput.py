@@ -31,9 +31,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from bigmodel.data.augment import random_resized_crop
 from bigmodel.data.base import from_numpy
 from bigmodel.data.loader import batches
-from bigmodel.data.augment import random_resized_crop
 from bigmodel.data.transforms import random_crop_flip, to_input
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10.npz"

@@ -146,7 +146,8 @@ def pretrain(recipe: Recipe, run_dir: Path, data: ImageDataset, model: Objective
              console: Console | None = None) -> dict[str, Any]:
     """Pretrain ``model`` on ``data`` (both from :func:`build.experiment`) into ``run_dir``,
     resuming from its latest checkpoint if there is one. Returns a summary."""
-    from bigmodel.train import build  # build fills the registries, whose fine-tune protocol imports fit
+    # imported here: build fills the registries, whose fine-tune protocol imports this module
+    from bigmodel.train import build
 
     console = console or Console()
     cfg, run = recipe.optim, recipe.run

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bigmodel.data.augment import random_resized_crop
 from bigmodel.data.base import TensorImages
 from bigmodel.data.fractals import Fractals
 from bigmodel.data.loader import _Steps, batches, rank_world
-from bigmodel.data.augment import random_resized_crop
 from bigmodel.data.transforms import random_crop_flip
 
 

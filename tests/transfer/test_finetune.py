@@ -11,10 +11,12 @@ import pytest
 import torch
 from rich.console import Console
 
+from bigmodel.architectures.resnet import ResNet
 from bigmodel.data.digits import digits
+from bigmodel.data.transforms import to_input
 from bigmodel.registry import PROTOCOLS
 from bigmodel.train import checkpoint, trainer
-from bigmodel.transfer.finetune import Finetune, hyperrule, random_crop
+from bigmodel.transfer.finetune import Classifier, Finetune, hyperrule, random_crop
 
 
 @pytest.mark.parametrize(("n", "regime", "steps", "warmup", "decays", "mixup"), [
@@ -165,3 +167,38 @@ def test_finetune_stops_on_a_non_finite_loss(tiny_mlp):
     with pytest.raises(trainer.NonFiniteLoss, match="at step 3; nothing was saved .try a lower finetune lr"):
         Finetune(steps=3, batch_size=16, lr=1e30, warmup_steps=0).fit(tiny_mlp(), digits(split="train"),
                                                                        console=Console(quiet=True))
+
+
+def test_default_learning_rate_is_the_measured_one_not_bits():
+    """BiT's 0.003 · batch / 512 left 200-step MNIST fine-tunes at chance (module docstring); the
+    protocol's default is 0.4 · batch / 512, and hyperrule itself still returns the published value."""
+    assert Finetune().schedule(5_000, 28, 28).lr == 0.4
+    assert Finetune(batch_size=128).schedule(5_000, 28, 28).lr == 0.1
+    assert Finetune(batch_size=128, base_lr=0.003).schedule(5_000, 28, 28).lr == 0.003 * 128 / 512
+    assert Finetune(batch_size=128, lr=0.02).schedule(5_000, 28, 28).lr == 0.02
+    assert hyperrule(5_000, batch_size=128).lr == 0.003 * 128 / 512
+    assert Finetune().flip is False  # a mirrored digit is another symbol
+
+
+def test_default_learning_rate_learns_where_bits_stays_at_chance(tiny_mlp):
+    train = digits(split="train")
+    losses = {}
+    for base_lr in (0.4, 0.003):
+        model, _ = Finetune(steps=50, batch_size=64, base_lr=base_lr).fit(tiny_mlp(), train, console=Console(quiet=True))
+        losses[base_lr] = model.train_loss
+    assert losses[0.003] > 2.29  # ln 10 = 2.303: the zero-initialised head has barely moved
+    assert losses[0.4] < 2.25
+
+
+def test_test_images_have_the_training_scale():
+    """Training crops ``crop²`` out of the image resized to ``resize²``; the test input is the centre
+    ``crop²`` of the same resize (BiT's whole image at crop size with ``test_crop=false``)."""
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    s = hyperrule(5_000, 128, image_size=28, source_size=28)
+    assert (s.resize, s.crop) == (35, 28)
+    net = ResNet(depth=18, width=0.125, image_size=28, in_chans=1)
+    centre = Classifier(net, 10, s).test_input(images)
+    torch.testing.assert_close(centre, to_input(images, 35, 1)[..., 3:31, 3:31], rtol=0, atol=0)
+    whole = Classifier(net, 10, s, test_crop=False).test_input(images)
+    torch.testing.assert_close(whole, to_input(images, 28, 1), rtol=0, atol=0)
+    assert Finetune().test_crop is True
