@@ -74,6 +74,7 @@ class Loop:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 20
+    stop_on_signal: bool = True  # with run_dir: SIGTERM/SIGINT finish the step, checkpoint and stop
     label: str = "pretrain"  # the progress line's label
     lr_key: str = "optim.lr"  # named in the non-finite-loss message
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # saved in every checkpoint's meta.json
@@ -110,7 +111,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
     log = MetricsLog(loop.run_dir / "metrics.jsonl", start) if loop.run_dir is not None else None
     history: list[dict[str, Any]] = []
     images_seen, t_last, done = 0, time.perf_counter(), start
-    stop_ctx = GracefulStop() if ckpt_dir is not None else contextlib.nullcontext(GracefulStop())
+    graceful = ckpt_dir is not None and loop.stop_on_signal
+    stop_ctx = GracefulStop() if graceful else contextlib.nullcontext(GracefulStop())
     with StepProgress(console, loop.steps, start, loop.label) as bar, stop_ctx as stop:
         for step, (images, labels) in enumerate(batches_fn(start), start):
             for group in opt.param_groups:

@@ -257,7 +257,8 @@ class Finetune(Protocol):
     precision: fp32, bf16 autocast, or auto (bf16 where the hardware runs it fast).
     eval_batch_size: images per forward pass at test time.
     checkpoint_dir: folder for checkpoints and metrics.jsonl (one sub-folder per backbone, seed
-        and schedule); a fine-tune killed or stopped there resumes from it when run again.
+        and schedule); a fine-tune killed there resumes from its last checkpoint when run again.
+        Signals are left to the caller (``bigmodel run`` finishes the row in progress on SIGTERM).
     checkpoint_every: steps between checkpoints (default: a tenth of the schedule).
     """
 
@@ -328,7 +329,7 @@ class Finetune(Protocol):
         log_every = max(1, s.steps // 20)
         loop = Loop(steps=s.steps, seed=seed, grad_clip=self.grad_clip, dtype=_autocast_dtype(self.precision, dev),
                     run_dir=run_dir, checkpoint_every=self.checkpoint_every or max(1, s.steps // 10),
-                    log_every=log_every, label="finetune", lr_key="finetune lr",
+                    log_every=log_every, stop_on_signal=False, label="finetune", lr_key="finetune lr",
                     meta={"finetune": {"schedule": s.as_dict(), "seed": seed, "flip": self.flip}})
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)  # stochastic depth and the like draw from the global RNG
@@ -336,9 +337,6 @@ class Finetune(Protocol):
             opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
             out = fit(model, opt, s.lr_at, lambda start: batches(train, s.batch_size, seed, start, s.steps), loop,
                       console or Console())
-        if out["stopped"]:
-            raise KeyboardInterrupt(f"fine-tune stopped at step {out['steps_done']}; its checkpoint in "
-                                    f"{run_dir} resumes when the same command runs again")
         records = read_metrics(run_dir / "metrics.jsonl") if run_dir is not None else out["history"]
         tail = [r["loss"] for r in records if r["step"] > s.steps - max(log_every, s.steps // 10)]
         model.train_loss = float(np.mean(tail)) if tail else None

@@ -202,3 +202,16 @@ def test_test_images_have_the_training_scale():
     whole = Classifier(net, 10, s, test_crop=False).test_input(images)
     torch.testing.assert_close(whole, to_input(images, 28, 1), rtol=0, atol=0)
     assert Finetune().test_crop is True
+
+
+def test_finetune_leaves_signals_to_its_caller(tiny_mlp, monkeypatch, tmp_path):
+    """``bigmodel run`` handles SIGTERM around the transfer suite (finish the row, keep the rows done);
+    a fine-tune with a checkpoint folder must not take the signal from it."""
+    import signal
+
+    seen, real = [], trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **k: seen.append(signal.getsignal(signal.SIGTERM)) or real(*a, **k))
+    before = signal.getsignal(signal.SIGTERM)
+    Finetune(steps=2, batch_size=16, checkpoint_dir=str(tmp_path)).fit(tiny_mlp(), digits(split="train"),
+                                                                       console=Console(quiet=True))
+    assert seen == [before, before]
