@@ -45,7 +45,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, views: list[t
                accum_steps: int = 1, grad_clip: float | None = None,
                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Forward/backward over ``accum_steps`` micro-batches (under autocast to ``dtype`` when given),
-    clip the global gradient norm to ``grad_clip``, step. Returns detached scalars."""
+    clip the global gradient norm to ``grad_clip``, step. Returns detached scalars (the loss, the
+    objective's metrics and ``grad_norm``, before clipping)."""
     totals: dict[str, torch.Tensor] = {}
     chunks = zip(*(v.chunk(accum_steps) for v in views), labels.chunk(accum_steps), strict=True)
     for *micro, y in chunks:
@@ -56,6 +57,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, views: list[t
             totals[k] = totals.get(k, 0) + v.detach().float() / accum_steps
     if grad_clip is not None:
         totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:  # measured all the same: a finite loss can come with non-finite gradients
+        totals["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     opt.step()
     opt.zero_grad(set_to_none=True)
     return totals
@@ -125,10 +128,11 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
             boundary = ckpt_dir is not None and (done % loop.checkpoint_every == 0 or stop.requested)
             if done % loop.log_every == 0 or boundary or done == loop.steps:
                 scalars = {k: float(v) for k, v in out.items()}  # the only host sync
-                if not math.isfinite(scalars["loss"]):
+                bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(scalars[k])), None)
+                if bad is not None:  # weights updated by non-finite gradients are never saved
                     kept = f"the last good checkpoint stays in {ckpt_dir}" if ckpt_dir else "nothing was saved"
-                    raise NonFiniteLoss(f"loss became {scalars['loss']} at step {done}; {kept} "
-                                        f"(try a lower {loop.lr_key})")
+                    raise NonFiniteLoss(f"{'loss' if bad == 'loss' else 'gradient norm'} became {scalars[bad]} "
+                                        f"at step {done}; {kept} (try a lower {loop.lr_key})")
                 now = time.perf_counter()
                 scalars["images_per_s"] = images_seen / max(now - t_last, 1e-9)
                 history.append({"step": done, "lr": lr_fn(step), **scalars})

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from torch.nn.modules.module import register_module_forward_hook
@@ -125,10 +124,6 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     assert_same_weights(checkpoint.latest(whole), checkpoint.latest(bad))
 
 
-@pytest.mark.xfail(strict=True, reason="package bug (bigmodel/train/trainer.py fit): only the loss is checked "
-                   "for finiteness, before the update, so a finite loss with non-finite gradients at a "
-                   "checkpoint step saves NaN weights as the 'last good checkpoint'; checking grad_norm "
-                   "(clip_grad_norm_'s result) before saving would fix it")
 def test_non_finite_gradients_never_reach_a_checkpoint(tmp_path, capsys) -> None:
     status, err, _, bad = _diverge(tmp_path, capsys, nan_at=4, grads_only=True)  # 4: a checkpoint step
     assert status != 0

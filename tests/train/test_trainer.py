@@ -142,3 +142,20 @@ def test_pretraining_goes_through_fit(tmp_path, monkeypatch):
     recipe = resolve("quickstart", ["run.tiny=true", f"run.out={tmp_path / 'r'}"])
     api.run(recipe, Console(quiet=True), transfer=False)
     assert seen == [(recipe.optim.steps, "pretrain", tmp_path / "r", recipe.optim.steps)]
+
+
+def test_non_finite_gradients_with_a_finite_loss_are_never_checkpointed(tmp_path):
+    """No grad_clip (the fine-tune default): the gradient norm is still measured and checked."""
+    class NanGrads(Toy):  # non-finite gradients in step 2 only (a checkpoint step), finite losses
+        calls = 0
+
+        def forward(self, views, labels):
+            out = super().forward(views, labels)
+            NanGrads.calls += 1
+            if NanGrads.calls == 2:
+                self.lin.weight.register_hook(lambda g: g * float("nan"))
+            return out
+
+    with pytest.raises(NonFiniteLoss, match=r"^gradient norm became nan at step 2; the last good checkpoint"):
+        _fit(NanGrads(), Loop(steps=10, log_every=5, run_dir=tmp_path, checkpoint_every=2))
+    assert checkpoint.latest(tmp_path) is None
