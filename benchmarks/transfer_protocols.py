@@ -39,6 +39,8 @@ def main() -> None:
                    help="finetune overrides of BiT-HyperRule (default: a CPU-sized schedule)")
     p.add_argument("--protocols", nargs="+", default=["finetune", "linear", "knn", "fewshot"],
                    help="which protocols to run (default: all four)")
+    p.add_argument("--tasks", nargs="+", default=["mnist", "cifar10"], choices=["mnist", "cifar10"],
+                   help="which tasks to run (default: both)")
     p.add_argument("--from-scratch", action="store_true",
                    help="also fine-tune the random-init twin of the backbone with the same protocol")
     p.add_argument("--threads", type=int, default=1)
@@ -67,6 +69,8 @@ def main() -> None:
         finetune[".".join(path)] = value
     entries = []
     for name, limit, flip in (("mnist", args.mnist_limit, False), ("cifar10", args.cifar_limit, True)):
+        if name not in args.tasks:
+            continue
         task = {"name": "npz", "path": str(data / f"{name}.npz"), **({"limit": limit} if limit else {})}
         entries += [e for e in ({"task": task, "protocol": "linear"},
                                 {"task": task, "protocol": "knn", "k": 20},

@@ -76,8 +76,9 @@ def _run_locked(recipe: Recipe, run_dir: Path, data: Any, model: Any, console: C
                       + "; ".join(f"{p} ({r})" for p, r in skipped[:5]) + (" …" if len(skipped) > 5 else ""))
     summary = pretrain(recipe, run_dir, data, model, console)
     result: dict[str, Any] = {"recipe": recipe.raw, "pretrain": {**summary, "seconds": round(time.perf_counter() - t0, 1)}}
-    if skipped:
-        result["data"] = {"skipped": [{"path": p, "reason": r} for p, r in skipped]}
+    ignored = getattr(data, "ignored", [])  # files that are not images by extension (imagefolder)
+    if skipped or ignored:
+        result["data"] = {"skipped": [{"path": p, "reason": r} for p, r in skipped], "ignored": list(ignored)}
     if summary["stopped"]:
         return result
     backbone = model.backbone

@@ -50,11 +50,18 @@ def test_tiny_run_end_to_end(tmp_path) -> None:
     assert {"model.safetensors", "state.pt", "meta.json"} <= {p.name for p in (out / "checkpoints" / ckpts[-1]).iterdir()}
     report = json.loads((out / "report.json").read_text())
     rows = report["transfer"]
-    assert [(r["task"], r["protocol"]) for r in rows] == [("digits", "linear"), ("digits", "knn")]
+    assert [(r["task"], r["protocol"]) for r in rows] == [("digits", "linear"), ("digits", "knn"), ("digits", "fewshot")]
     train, test = digits(split="train"), digits(split="test")
     for r in rows:
         assert set(r["results"]) == {"pretrained", "random_init", "pixels"}
         assert (r["n_train"], r["n_test"]) == (1347, 450)  # digits' stratified 75/25 split
+        if r["protocol"] == "fewshot":  # 5 seeds per shot count; top1 is the 10-shot mean
+            for v in r["results"].values():
+                assert sorted(int(k) for k in v["per_shot"]) == [1, 5, 10]
+                runs = v["per_shot"][10]["runs"] if 10 in v["per_shot"] else v["per_shot"]["10"]["runs"]
+                assert len(runs) == 5 and [correct(t, 450) for t in runs]
+                assert v["top1"] == pytest.approx(sum(runs) / 5, abs=1e-9)
+            continue
         for v in r["results"].values():
             correct(v["top1"], 450)
         # raw pixels: exactly what the scikit-learn / numpy reference gets right

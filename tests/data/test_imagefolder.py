@@ -155,3 +155,5 @@ def test_run_lists_skipped_files_in_its_report(messy: Path, tmp_path: Path):
     listed = json.loads((tmp_path / "run" / "report.json").read_text())["data"]["skipped"]
     assert {Path(s["path"]).name for s in listed} == {"zz_truncated.png", "fake.jpg"}
     assert result["data"]["skipped"] == listed
+    ignored = json.loads((tmp_path / "run" / "report.json").read_text())["data"]["ignored"]
+    assert sorted(Path(p).name for p in ignored) == [".DS_Store", "Thumbs.db", "notes.txt"]

@@ -68,8 +68,8 @@ def test_other_warnings_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
 
     class Noisy(LogisticRegression):
         def fit(self, x, y):
-            warnings.warn("something else", UserWarning)
-            warnings.warn("lbfgs failed to converge", ConvergenceWarning)
+            warnings.warn("something else", UserWarning, stacklevel=2)
+            warnings.warn("lbfgs failed to converge", ConvergenceWarning, stacklevel=2)
             return super().fit(x, y)
 
     monkeypatch.setattr(linear, "LogisticRegression", Noisy)
