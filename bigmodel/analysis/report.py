@@ -46,14 +46,16 @@ def _loss_png(metrics: list[dict[str, Any]]) -> str:
 
 
 def _html(report: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
+    from bigmodel.transfer.suite import subjects_of, table_lines
+
     rows = report.get("transfer", [])
-    subjects = list(dict.fromkeys(s for r in rows for s in r["results"]))
+    subjects = subjects_of(rows)
     head = "".join(f"<th>{html.escape(s)}</th>" for s in subjects)
     body = "".join(
         "<tr><td>{}</td><td>{}</td>{}</tr>".format(
-            html.escape(r["task"]), html.escape(r["protocol"]),
-            "".join(f"<td>{r['results'][s]['top1']:.2f}</td>" if s in r["results"] else "<td>–</td>" for s in subjects))
-        for r in rows)
+            html.escape(task), html.escape(protocol),
+            "".join(f"<td>{html.escape(cells.get(s, '–'))}</td>" for s in subjects))
+        for task, protocol, cells in table_lines(rows))
     curve = f'<img alt="loss curve" src="data:image/png;base64,{_loss_png(metrics)}">' if metrics else ""
     facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
                     for k, v in report.get("model", {}).items())

@@ -154,16 +154,38 @@ def write_partial(path: Path, done: dict[str, dict[str, Any]], prov: dict[str, A
 
 
 def table(rows: list[dict[str, Any]], title: str = "transfer (top-1 %, test split)") -> Table:
-    subjects = list(dict.fromkeys(s for r in rows for s in r["results"]))
+    subjects = subjects_of(rows)
     t = Table(title=title)
     t.add_column("task")
     t.add_column("protocol")
     for s in subjects:
         t.add_column(s, justify="right")
-    for r in rows:
-        cells = [cell(r["results"][s]) if s in r["results"] else "–" for s in subjects]
-        t.add_row(task_label(r), protocol_label(r), *cells)
+    for task, protocol, cells in table_lines(rows):
+        t.add_row(task, protocol, *(cells.get(s, "–") for s in subjects))
     return t
+
+
+def subjects_of(rows: list[dict[str, Any]]) -> list[str]:
+    """The subjects (columns) of a suite's rows, in the order they were scored."""
+    return list(dict.fromkeys(s for r in rows for s in r["results"]))
+
+
+def table_lines(rows: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, str]]]:
+    """``(task, protocol, {subject: cell})`` per table line: one per row, and one per shot count for
+    few-shot rows (``fewshot 5-shot``: mean ± std over its seeds), so no number is hidden."""
+    lines = []
+    for r in rows:
+        shots = sorted({int(k) for res in r["results"].values() for k in res.get("per_shot", {})})
+        if r["protocol"] == "fewshot" and shots:
+            for k in shots:
+                cells = {}
+                for subject, res in r["results"].items():
+                    per = res["per_shot"].get(k, res["per_shot"].get(str(k)))  # str keys after JSON
+                    cells[subject] = f"{per['mean']:.2f} ± {per['std']:.2f}"
+                lines.append((task_label(r), f"fewshot {k}-shot", cells))
+        else:
+            lines.append((task_label(r), protocol_label(r), {s: cell(res) for s, res in r["results"].items()}))
+    return lines
 
 
 def cell(result: dict[str, Any]) -> str:

@@ -154,3 +154,18 @@ def test_feature_progress_line(tiny_mlp, monkeypatch):
         "features t/train · pretrained: 80/140 images  5 images/s  eta 12s",  # 80 images in 16 s; 60 left
         "features t/train · pretrained: 140/140 images  7 images/s",
     ]
+
+
+def test_table_lines_show_every_shot_count_with_its_spread() -> None:
+    from bigmodel.transfer.suite import table_lines
+
+    per = {"1": {"mean": 40.0, "std": 4.5, "runs": [1]}, "10": {"mean": 75.07, "std": 1.494, "runs": [1]}}
+    rows = [{"task": "digits", "task_settings": {}, "protocol": "linear", "settings": {},
+             "results": {"pretrained": {"top1": 93.111}, "pixels": {"top1": 97.0}}},
+            {"task": "digits", "task_settings": {}, "protocol": "fewshot", "settings": {"primary": 10},
+             "results": {"pretrained": {"top1": 75.07, "top1_std": 1.494, "per_shot": per}}}]
+    assert table_lines(rows) == [
+        ("digits", "linear", {"pretrained": "93.11", "pixels": "97.00"}),
+        ("digits", "fewshot 1-shot", {"pretrained": "40.00 ± 4.50"}),
+        ("digits", "fewshot 10-shot", {"pretrained": "75.07 ± 1.49"}),
+    ]
