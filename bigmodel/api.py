@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from bigmodel.analysis import flops, report
+from bigmodel.analysis import flops
+from bigmodel.analysis import report as run_report  # `report` is the function below
 from bigmodel.recipe import Recipe, RecipeError, validate
 from bigmodel.train import build, checkpoint
 from bigmodel.train.logging import GracefulStop
@@ -111,7 +112,8 @@ def _run_locked(recipe: Recipe, run_dir: Path, data: Any, model: Any, console: C
         result["transfer_seconds"] = round(time.perf_counter() - t1, 1)
         console.print(table(rows))
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    json_path, html_path = report.write(run_dir, result)
+    _figures(run_dir, console)  # PNGs under RUN/figures, embedded by run_report.write
+    json_path, html_path = run_report.write(run_dir, result)
     (run_dir / "transfer" / "partial.json").unlink(missing_ok=True)  # its rows are in report.json now
     console.print(f"report: {json_path}  {html_path}   ({result['seconds']:.0f}s)")
     return result
@@ -215,3 +217,41 @@ def ensemble(ckpts: list[str | Path], task: str | dict[str, Any], sets: list[str
         out.write_text(json.dumps(result, indent=1, default=str))
         console.print(f"ensemble report: {out}")
     return result
+
+def _figures(run_dir: Path, console: Console) -> list[Path]:
+    """The run's figures (:func:`bigmodel.analysis.figures.make_all`); a figure that fails is
+    reported in one line and does not cost the run its report."""
+    from bigmodel.analysis import figures
+
+    try:
+        return figures.make_all(run_dir, console)
+    except Exception as e:  # noqa: BLE001  (a figure never loses a trained run's report)
+        console.print(f"[yellow]figures skipped[/]: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                      highlight=False)
+        return []
+
+
+def report(run_dir: str | Path, console: Console | None = None, figures: bool = True) -> tuple[Path, Path]:
+    """Rebuild ``report.json`` and ``report.html`` of a run directory from its files alone (metrics,
+    latest checkpoint, ``transfer/*.json``, ``analysis/*``), without retraining and without the
+    pretraining data; with ``figures``, (re)draw the figures first. Returns the two paths.
+
+    Raises:
+        RecipeError: not a run directory, or no intact checkpoint.
+    """
+    from bigmodel.analysis import figures as figs
+
+    console = console or Console()
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not ((run_dir / "recipe.yaml").is_file() or (run_dir / "checkpoints").is_dir()):
+        raise RecipeError(f"report {run_dir}: not a bigmodel run directory (no recipe.yaml or checkpoints/)")
+    model, found, _ = figs.load_objective(run_dir)
+    facts = {"backbone_params": model.backbone.num_params(), "total_params": sum(p.numel() for p in model.parameters())}
+    steps = checkpoint.load_meta(found)["step"]
+    del model
+    if figures:
+        written = _figures(run_dir, console)
+        console.print(f"figures: {len(written)} under {run_dir / 'figures'}", highlight=False)
+    json_path, html_path = run_report.rebuild(run_dir, model=facts, steps_done=steps)
+    console.print(f"report: {json_path}  {html_path}", highlight=False)
+    return json_path, html_path

@@ -159,6 +159,12 @@ def cmd_data_shard(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    with _as_recipe_errors():
+        api.report(args.run_dir, console, figures=not args.no_figures)
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bigmodel", description="Pretrain vision models (architecture × dataset × objective) and measure how they transfer.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -202,6 +208,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=10000, help="samples per shard (default 10000)")
     s.add_argument("--force", action="store_true", help="replace shards of this split already in DST")
     s.set_defaults(fn=cmd_data_shard)
+    s = sub.add_parser("report", help="rebuild a run's report.json/html and figures from its files (no data, no training)")
+    s.add_argument("run_dir", help="run directory")
+    s.add_argument("--no-figures", action="store_true", help="keep the figures under RUN_DIR/figures as they are")
+    s.set_defaults(fn=cmd_report)
     return p
 
 

@@ -1,0 +1,146 @@
+"""The figures of one run, built from its directory alone (DESIGN.md §4): PNGs under
+``RUN_DIR/figures/``, embedded in ``report.html`` by :mod:`bigmodel.analysis.report`.
+
+- ``curves.png`` — loss and learning rate from ``metrics.jsonl``;
+- ``confusion.png`` — a linear probe on the first transfer task, fitted here;
+- ``tsne.png`` — frozen test features of that task, pretrained beside the random-init twin;
+- one figure per model builder of :data:`BUILDERS` that applies to the model (attention rollout
+  for ViT, Grad-CAM for CNNs, MAE reconstructions, autoregressive completions, expert load).
+
+A model builder is a module of :mod:`bigmodel.analysis` exposing
+``make(model, images, labels, out) -> Path | None``: ``model`` the objective (backbone under
+``model.backbone``), ``images`` uint8 ``(N, C, H, W)`` test images, ``labels`` ``(N,)``, ``out``
+the figures folder; it returns the PNG it wrote, or ``None`` when it does not apply. Modules not
+installed (yet) are skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+BUILDERS = ("attention", "gradcam", "reconstruction", "completions", "expert_load")
+SAMPLES = 8  # test images shown by the model builders
+PROBE_TRAIN, PROBE_TEST = 2000, 1000  # images of the confusion-matrix probe
+TSNE_IMAGES = 500
+
+
+def load_objective(run_dir: Path) -> tuple[Any, Path, Any]:
+    """The objective (backbone and heads) of a run's latest intact checkpoint, rebuilt from its
+    ``meta.json`` alone (no pretraining data), in eval mode on the run's device; returns
+    ``(objective, checkpoint folder, recipe)``.
+
+    Raises:
+        CheckpointError: no intact checkpoint, or weights that do not fit.
+    """
+    from bigmodel.recipe import validate
+    from bigmodel.registry import OBJECTIVES
+    from bigmodel.train import build, checkpoint
+
+    found = checkpoint.latest(Path(run_dir))
+    if found is None:
+        raise checkpoint.CheckpointError(f"{run_dir}: no checkpoint (is it a bigmodel run directory?)")
+    meta = checkpoint.load_meta(found)
+    recipe = validate(meta["recipe"])
+    cls = OBJECTIVES.get(recipe.objective.name)
+    num_classes = meta.get("num_classes")
+    if num_classes is None:  # checkpoints saved before meta.json recorded it: the classifier's rows
+        from safetensors import safe_open
+
+        with safe_open(str(found / "model.safetensors"), "pt") as f:
+            num_classes = f.get_slice("head.weight").get_shape()[0] if "head.weight" in f.keys() else 0
+    net = build.backbone(recipe.architecture)
+    model = cls(backbone=net, num_classes=num_classes, **recipe.objective.kwargs)
+    checkpoint.load_weights(found, model)
+    return model.to(build.device(recipe.run)).eval(), found, recipe
+
+
+def random_twin(recipe: Any, model: Any) -> torch.nn.Module:
+    """The random-init twin of ``model.backbone`` without the pretraining data: the seeded
+    initialisation, with the data-fitted state that pretraining never changes (a colour palette)
+    copied from the checkpoint."""
+    from bigmodel.train import build
+
+    twin = build.random_twin(recipe)
+    fitted = {k: v for k, v in model.backbone.state_dict().items() if k.startswith("palette.")}
+    twin.load_state_dict(fitted, strict=False)
+    return twin.to(next(model.parameters()).device).eval()
+
+
+def _subset(data: Any, n: int, seed: int = 0) -> Any:
+    from bigmodel.data.base import TensorImages
+
+    if len(data) <= n:
+        return data
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return TensorImages(data.images[idx], data.targets[idx], data.classes, num_classes=data.num_classes)
+
+
+def task_data(recipe: Any) -> tuple[str, Any, Any] | None:
+    """``(name, train, test)`` of the recipe's first transfer task (seeded subsets of at most
+    :data:`PROBE_TRAIN` / :data:`PROBE_TEST` images), or ``None`` without a transfer section."""
+    from bigmodel.data.base import materialize
+    from bigmodel.train import build
+
+    if not recipe.transfer:
+        return None
+    spec = recipe.transfer[0].task
+    name = Path(str(spec.kwargs["path"])).stem if "path" in spec.kwargs else spec.name
+    train, test = (materialize(build.dataset(spec, s)) for s in ("train", "test"))
+    return name, _subset(train, PROBE_TRAIN), _subset(test, PROBE_TEST)
+
+
+def model_figures(model: Any, images: torch.Tensor, labels: torch.Tensor, out: Path,
+                  console: Console | None = None) -> list[Path]:
+    """Run every model builder of :data:`BUILDERS` present; returns the PNGs written."""
+    written = []
+    for name in BUILDERS:
+        try:
+            module = importlib.import_module(f"bigmodel.analysis.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"bigmodel.analysis.{name}":
+                raise
+            continue
+        path = module.make(model, images, labels, out)
+        if path is not None:
+            written.append(Path(path))
+            if console:
+                console.print(f"  figure {path}", highlight=False)
+    return written
+
+
+def make_all(run_dir: Path, console: Console | None = None) -> list[Path]:
+    """Write every figure that applies to the run in ``run_dir`` into ``run_dir/figures``;
+    returns their paths. Figures that need the transfer task's data are skipped, with a note,
+    when it cannot be loaded here (the others still come)."""
+    from bigmodel.analysis import confusion, curves, embedding
+    from bigmodel.train.logging import read_metrics
+
+    console = console or Console(quiet=True)
+    run_dir = Path(run_dir)
+    out = run_dir / "figures"
+    out.mkdir(exist_ok=True)
+    written = []
+    if (run_dir / "metrics.jsonl").is_file():
+        path = curves.make(read_metrics(run_dir / "metrics.jsonl"), out)
+        written += [path] if path else []
+    model, _, recipe = load_objective(run_dir)
+    try:
+        task = task_data(recipe)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        console.print(f"figures: transfer task data unavailable ({str(e).splitlines()[0]}); "
+                      f"skipping the probe, t-SNE and sample-image figures", highlight=False)
+        task = None
+    if task is not None:
+        name, train, test = task
+        with torch.no_grad():
+            written.append(confusion.make(model.backbone, train, test, out, task=name, classes=test.classes)[0])
+            few = _subset(test, TSNE_IMAGES)
+            twin = random_twin(recipe, model)
+            written.append(embedding.make({"pretrained": model.backbone, "random init": twin}, few, out, task=name)[0])
+        written += model_figures(model, test.images[:SAMPLES], test.targets[:SAMPLES], out, console)
+    return written
