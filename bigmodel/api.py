@@ -255,3 +255,112 @@ def report(run_dir: str | Path, console: Console | None = None, figures: bool = 
     json_path, html_path = run_report.rebuild(run_dir, model=facts, steps_done=steps)
     console.print(f"report: {json_path}  {html_path}", highlight=False)
     return json_path, html_path
+
+
+def analyze(run_dir: str | Path, task: str, limit: int | None = None, against: str | Path | None = None,
+            console: Console | None = None) -> dict[str, Any]:
+    """Layer-wise transfer analysis of a checkpoint on ``task`` (a dataset name or an ``.npz`` path):
+    a linear probe on every block of the pretrained backbone and of its random-init twin
+    (:mod:`bigmodel.analysis.layerwise`), and linear CKA between every pair of their layers on the
+    task's test images (:mod:`bigmodel.analysis.cka`): pretrained vs the twin, or vs the backbone of
+    ``against`` (a run directory or checkpoint folder of the same architecture). ``limit`` keeps the
+    first ``limit`` images of each split.
+
+    Writes ``RUN/analysis/layerwise-<task>.json|png`` and ``RUN/analysis/cka-<a>-vs-<b>.json|png``;
+    returns ``{"layerwise": ..., "cka": ..., "files": [...]}``.
+
+    The twin is built without the pretraining data (an analysis needs the run directory only); data-
+    dependent state fitted before training (ImageGPT's and the causal LSTM's colour palette) is
+    copied from the checkpoint, which holds exactly what the objective's setup fitted.
+    """
+    import re
+
+    import torch
+
+    from bigmodel.analysis import cka, layerwise
+    from bigmodel.data.base import materialize
+    from bigmodel.registry import DATASETS
+    from bigmodel.transfer.linear import Linear
+
+    console = console or Console()
+    if limit is not None and limit < 2:
+        raise RecipeError(f"--limit {limit}: must be at least 2 images per split")
+    net, found, recipe = load_backbone(run_dir)
+    other = None
+    if against is not None:
+        try:
+            other, found_b, recipe_b = load_backbone(against)
+        except FileNotFoundError as e:
+            raise RecipeError(f"--against {e}") from None
+        if recipe_b.raw["architecture"] != recipe.raw["architecture"]:
+            raise RecipeError(f"--against {against}: its architecture {recipe_b.raw['architecture']} differs from "
+                              f"{recipe.raw['architecture']}; CKA here compares layers of the same architecture")
+    entry = suites.task_entry(task)
+    try:
+        spec = suites.specs([{"task": entry, "protocol": "linear"}])[0]
+    except RecipeError as e:
+        raise RecipeError(f"--task {task}: {str(e).removeprefix('transfer.0.')}") from None
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", suites.entry_name({"task": entry}))
+    try:
+        train, test = (materialize(DATASETS.build(spec.task.name, split=s, **spec.task.kwargs)) for s in ("train", "test"))
+    except (ValueError, FileNotFoundError) as e:
+        raise RecipeError(f"--task {task}: {str(e).splitlines()[0]}") from e
+    if limit is not None:
+        train, test = (d.subset(torch.arange(min(limit, len(d)))) for d in (train, test))
+    twin = build.random_twin(recipe).to(next(net.parameters()).device)
+    if hasattr(net, "palette"):
+        twin.palette.load_state_dict(net.palette.state_dict())
+    dev = build.device(recipe.run)
+    dtype = build.autocast_dtype(recipe.run, dev)
+    out = run_dir_of(found) / "analysis"
+    console.print(f"[bold]bigmodel analyze[/] {found} on {name} ({len(train)} train / {len(test)} test images)",
+                  highlight=False)
+    try:
+        probed = layerwise.probe(net, twin, train, test, Linear(), recipe.run.eval_batch_size, dtype, console)
+    except ValueError as e:
+        raise RecipeError(f"analyze on {name}: {e}") from None
+    feats = probed.pop("features")
+    prov = provenance(found, checkpoint.load_meta(found)["step"], dtype, str(dev), task=name,
+                      train_images=len(train), test_images=len(test))
+    lw = {**probed, "task": name, "provenance": prov}
+    lw_json = out / f"layerwise-{name}.json"
+    out.mkdir(parents=True, exist_ok=True)
+    lw_json.write_text(json.dumps(lw, indent=1, default=str))
+    lw_png = layerwise.curve_png(probed["rows"], out / f"layerwise-{name}.png",
+                                 f"{recipe.architecture.name} × {recipe.objective.name}: linear probe per block, {name} "
+                                 f"({len(train)} train / {len(test)} test)")
+    # CKA on the test images' block features
+    a_feats = [(n, te) for n, (_, te) in feats["pretrained"].items()]
+    if other is None:
+        b_label = "random_init"
+        b_feats = [(n, te) for n, (_, te) in feats["random_init"].items()]
+    else:
+        b_label = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_dir_of(found_b).name)
+        b_feats = layerwise.block_features(other.to(dev), test, recipe.run.eval_batch_size, dtype, console,
+                                           f"block features test · {b_label}")
+    sim = {**cka.matrix(a_feats, b_feats), "a": "pretrained", "b": b_label, "task": name, "images": len(test),
+           "provenance": {**prov, **({"against": str(found_b)} if other is not None else {})}}
+    stem = f"cka-pretrained-vs-{b_label}"
+    cka_json = out / f"{stem}.json"
+    cka_json.write_text(json.dumps(sim, indent=1, default=str))
+    cka_png = cka.heatmap_png(sim, out / f"{stem}.png", "pretrained", b_label,
+                              f"linear CKA on {len(test)} {name} test images")
+    console.print(_analysis_table(lw["rows"], sim))
+    files = [lw_json, lw_png, cka_json, cka_png]
+    console.print("analysis: " + "  ".join(str(f) for f in files), highlight=False)
+    return {"layerwise": lw, "cka": sim, "files": [str(f) for f in files]}
+
+
+def _analysis_table(rows: list[dict[str, Any]], sim: dict[str, Any]) -> Any:
+    """One line per block: probe accuracy pretrained / twin, and CKA with the other backbone's block
+    at the same depth (the diagonal, where both have that block)."""
+    from rich.table import Table
+
+    t = Table(title=f"per-block linear probe · CKA vs {sim['b']} (same block)")
+    for col in ("block", "pretrained %", "random-init %", f"CKA vs {sim['b']}"):
+        t.add_column(col, justify="left" if col == "block" else "right")
+    for i, r in enumerate(rows):
+        diag = sim["cka"][i][i] if i < len(sim["cols"]) else None
+        t.add_row(r["block"], f"{r['pretrained']:.2f}", f"{r['random_init']:.2f}",
+                  "" if diag is None else f"{diag:.3f}")
+    return t

@@ -165,6 +165,12 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
+    with _as_recipe_errors():
+        api.analyze(args.run_dir, args.task, args.limit, args.against, console)
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bigmodel", description="Pretrain vision models (architecture × dataset × objective) and measure how they transfer.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -212,6 +218,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir", help="run directory")
     s.add_argument("--no-figures", action="store_true", help="keep the figures under RUN_DIR/figures as they are")
     s.set_defaults(fn=cmd_report)
+    s = sub.add_parser("analyze", help="linear probe per block (pretrained vs random init) and linear CKA between layers")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint folder")
+    s.add_argument("--task", required=True, help="dataset name or path to an .npz file")
+    s.add_argument("--limit", type=int, help="use the first N images of each split")
+    s.add_argument("--against", metavar="RUN_DIR|CKPT",
+                   help="CKA against this backbone (same architecture) instead of the random-init twin")
+    s.set_defaults(fn=cmd_analyze)
     return p
 
 

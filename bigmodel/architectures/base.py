@@ -46,6 +46,17 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.forward_features(x))
 
+    def block_features(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Pooled features after each block, shallow to deep: ``[(name, (B, D_i)), ...]``.
+
+        Each block's output is pooled as :meth:`pool` pools the final features (for transformers
+        and the LSTM after the backbone's final norm), so the last entry equals ``self(x)``
+        (except where the pooled features stop early: iGPT's ``feature_layer``; see there). The
+        layer-wise probe and CKA of :mod:`bigmodel.analysis` read this and nothing else. This
+        default has one entry, the pooled features, for a backbone without intermediate outputs.
+        """
+        return [("output", self(x))]
+
     def forward_full(self, x: torch.Tensor) -> torch.Tensor:
         """Every layer of the network on images ``(B, C, H, W)``: the computation its FLOPs
         describe. The pooled features by default; a backbone whose features stop early (iGPT's

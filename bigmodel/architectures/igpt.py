@@ -102,3 +102,16 @@ class IGPT(SequenceModel):
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return features.mean(1)
+
+    def block_features(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """After every block (``block1`` … ``blockN``, all ``depth`` of them, not only the first
+        ``feature_layer``): layer-normalised without affine and averaged over positions, as
+        :meth:`forward` does. Entry ``feature_layer - 1`` (named ``block{feature_layer}``) equals
+        ``self(x)``; the last is the final block's, which equals ``self(x)`` only when
+        ``feature_layer = depth``."""
+        h = self._embed(self.tokens(x))
+        out = []
+        for i, block in enumerate(self.blocks):
+            h = block(h, is_causal=True)
+            out.append((f"block{i + 1}", self.pool(F.layer_norm(h, h.shape[-1:]))))
+        return out

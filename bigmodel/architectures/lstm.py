@@ -18,6 +18,7 @@ unidirectional model the last state is dominated by the bottom-right corner of t
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import torch
@@ -100,3 +101,25 @@ class LSTM(SequenceModel):
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return features.mean(1)
+
+    def block_features(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """After each LSTM layer (``layer1`` … ``layerN``): the layer's outputs through the final
+        LayerNorm, averaged over time as :meth:`pool` does; the last equals ``self(x)``. The stacked
+        ``nn.LSTM`` is run one layer at a time with its own weights (no copy)."""
+        from torch.func import functional_call
+
+        lstm = self.lstm
+        if self.token_mode:
+            tokens = self.tokens(x)
+            h = torch.cat([self.start_token.expand(len(tokens), -1, -1), self.token_embed(tokens[:, :-1])], 1)
+        else:
+            h = self.patch_embed(x)
+        out = []
+        for k in range(lstm.num_layers):
+            one = nn.LSTM(h.shape[-1], lstm.hidden_size, 1, batch_first=True, bidirectional=lstm.bidirectional,
+                          device="meta")
+            params = {f"{m[1]}_l0{m[3] or ''}": p for name, p in lstm.named_parameters()
+                      if (m := re.fullmatch(r"(\w+?)_l(\d+)(_reverse)?", name)) and int(m[2]) == k}
+            h = functional_call(one, params, (h,))[0]
+            out.append((f"layer{k + 1}", self.pool(self.norm(h))))
+        return out

@@ -112,3 +112,17 @@ class ResNet(Backbone):
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """Global average pooling → ``(B, feature_dim)``."""
         return features.mean((2, 3))
+
+    def block_features(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """After each residual block (``s{stage}b{block}``, 1-based), globally average-pooled. The
+        network is pre-activation: a block's output is the raw residual stream, except the last
+        block's, which passes the final GroupNorm + ReLU as the features do, so the last entry
+        equals ``self(x)``."""
+        h = self.net.stem(x)
+        out = []
+        for si, stage in enumerate(self.net.stages):
+            for bi, block in enumerate(stage.blocks):
+                h = block(h)
+                out.append([f"s{si + 1}b{bi + 1}", h])
+        out[-1][1] = self.net.norm(h)
+        return [(name, self.pool(h)) for name, h in out]

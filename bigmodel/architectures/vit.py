@@ -107,3 +107,10 @@ class ViT(Backbone):
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return features[:, 0] if self.global_pool == "token" else features[:, 1:].mean(1)
+
+    def block_features(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """After each transformer block (``block1`` … ``blockN``), the final norm applied and pooled
+        as :meth:`pool` pools (timm's ``forward_intermediates``); the last equals ``self(x)``."""
+        _, inter = self.vit.forward_intermediates(x, norm=True, output_fmt="NLC", return_prefix_tokens=True)
+        return [(f"block{i + 1}", self.pool(torch.cat([prefix, tokens], 1)))
+                for i, (tokens, prefix) in enumerate(inter)]

@@ -1,0 +1,111 @@
+"""Layer-wise transfer: a linear probe on the pooled features of every block, pretrained beside
+its random-init twin, as a curve of accuracy against depth.
+
+Where the curve of the pretrained backbone peaks says where its transferable features are (ImageGPT,
+Chen et al., 2020, found them in the middle of its generative models); the gap to the twin at each
+depth says what pretraining added there. The probe is the project's linear protocol
+(:class:`bigmodel.transfer.linear.Linear`); features come from
+:meth:`~bigmodel.architectures.base.Backbone.block_features`, the one interface every family has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from bigmodel.architectures.base import Backbone
+from bigmodel.data.base import TensorImages
+from bigmodel.data.transforms import to_input
+from bigmodel.transfer.base import ImageProgress
+from bigmodel.transfer.linear import Linear
+
+
+@torch.inference_mode()
+def block_features(net: Backbone, data: TensorImages, batch_size: int = 256, dtype: torch.dtype | None = None,
+                   console: Console | None = None, label: str = "block features") -> list[tuple[str, torch.Tensor]]:
+    """Every block's pooled features of every image: ``[(block name, (N, D_i) float32 CPU), ...]``,
+    backbone in eval mode (as :func:`bigmodel.transfer.base.features`, one tensor per block)."""
+    was_training = net.training
+    net.eval()
+    dev = next(net.parameters()).device
+    names: list[str] = []
+    parts: list[list[torch.Tensor]] = []
+    with ImageProgress(console, len(data), label) as progress:
+        for i in range(0, len(data), batch_size):
+            x = to_input(data.images[i:i + batch_size], net.image_size, net.in_chans).to(dev)
+            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                blocks = net.block_features(x)
+            if not names:
+                names = [n for n, _ in blocks]
+                parts = [[] for _ in blocks]
+            for part, (_, f) in zip(parts, blocks, strict=True):
+                part.append(f.float().cpu())
+            progress.update(min(i + batch_size, len(data)))
+    net.train(was_training)
+    return [(n, torch.cat(p)) for n, p in zip(names, parts, strict=True)]
+
+
+def probe(net: Backbone, twin: Backbone | None, train: TensorImages, test: TensorImages,
+          protocol: Linear | None = None, batch_size: int = 256, dtype: torch.dtype | None = None,
+          console: Console | None = None) -> dict[str, Any]:
+    """A linear probe on every block's features of ``net`` and of its random-init ``twin``.
+
+    Args:
+        net: the pretrained backbone.
+        twin: the same architecture untrained (``None``: the pretrained column only).
+        train, test: the task's splits (labelled).
+        protocol: the linear probe (default settings if ``None``).
+
+    Returns:
+        ``{"rows": [{"block", "depth", "pretrained", "random_init"}, ...], "protocol": settings,
+        "features": {"pretrained": {block: [train, test] feature tensors}, "random_init": ...}}``;
+        ``depth`` counts blocks from 1, accuracies are top-1 % on ``test``. The features are kept
+        for CKA (:mod:`bigmodel.analysis.cka`) and are not meant for JSON.
+    """
+    protocol = protocol or Linear()
+    protocol.check(train.targets)
+    subjects = {"pretrained": net, **({"random_init": twin} if twin is not None else {})}
+    feats: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    for who, backbone in subjects.items():
+        tr = block_features(backbone, train, batch_size, dtype, console, f"block features train · {who}")
+        te = block_features(backbone, test, batch_size, dtype, console, f"block features test · {who}")
+        feats[who] = [(n, a, b) for (n, a), (_, b) in zip(tr, te, strict=True)]
+    rows = []
+    for depth, (name, *_) in enumerate(feats["pretrained"], 1):
+        row: dict[str, Any] = {"block": name, "depth": depth}
+        for who, blocks in feats.items():
+            _, xtr, xte = blocks[depth - 1]
+            row[who] = round(protocol.fit_score(xtr, train.targets, xte, test.targets)["top1"], 4)
+        rows.append(row)
+    return {"rows": rows, "protocol": {"name": "linear", **protocol.settings()},
+            "features": {who: {n: (a, b) for n, a, b in blocks} for who, blocks in feats.items()}}
+
+
+def curve_png(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Accuracy against depth, one line per column present (pretrained, random_init), block names
+    on the x axis. Written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth = [r["depth"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(rows) + 3), 3.8))
+    for who, style in (("pretrained", "o-"), ("random_init", "s--")):
+        if rows and who in rows[0]:
+            ax.plot(depth, [r[who] for r in rows], style, label=who.replace("_", "-"))
+    ax.set_xticks(depth, [r["block"] for r in rows], rotation=45 if len(rows) > 8 else 0,
+                  ha="right" if len(rows) > 8 else "center")
+    ax.set_xlabel("block (shallow → deep)")
+    ax.set_ylabel("linear probe top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

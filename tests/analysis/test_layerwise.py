@@ -1,0 +1,182 @@
+"""Per-block features of every family, the layer-wise probe, and ``bigmodel analyze`` on a tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bigmodel import api
+from bigmodel.analysis import cka, layerwise
+from bigmodel.architectures.igpt import IGPT
+from bigmodel.architectures.lstm import LSTM
+from bigmodel.architectures.resnet import ResNet
+from bigmodel.architectures.vit import ViT
+from bigmodel.cli import main
+from bigmodel.data.digits import digits
+from bigmodel.recipe import resolve
+from bigmodel.train import checkpoint
+from bigmodel.transfer.base import features
+from bigmodel.transfer.linear import Linear
+
+FAMILIES = {
+    "vit-token": (lambda: ViT("nano", 16, 4, 1), [f"block{i}" for i in range(1, 5)], 96),
+    "vit-avg": (lambda: ViT("nano", 16, 4, 1, global_pool="avg"), [f"block{i}" for i in range(1, 5)], 96),
+    "vit-moe": (lambda: ViT("nano", 16, 4, 1, moe={"experts": 2, "every": 2}), [f"block{i}" for i in range(1, 5)], 96),
+    "resnet": (lambda: ResNet(18, 0.125, 16, 1, zero_init_last=False),
+               [f"s{s}b{b}" for s in range(1, 5) for b in (1, 2)], None),
+    "lstm": (lambda: LSTM(16, 4, 1, hidden=8, layers=3), ["layer1", "layer2", "layer3"], 16),
+    "lstm-causal-tokens": (lambda: LSTM(8, 1, 1, hidden=8, layers=2, causal=True), ["layer1", "layer2"], 8),
+    "igpt-last": (lambda: IGPT("tiny", 8, 1, feature_layer=4), [f"block{i}" for i in range(1, 5)], 64),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_block_equals_pooled_features(family: str) -> None:
+    torch.manual_seed(0)
+    build, names, dim = FAMILIES[family]
+    net = build().eval()
+    x = torch.randn(3, 1, net.image_size, net.image_size)
+    with torch.no_grad():
+        blocks = net.block_features(x)
+        pooled = net(x)
+    assert [n for n, _ in blocks] == names
+    assert all(f.shape == (3, dim or f.shape[1]) for _, f in blocks)
+    assert torch.equal(blocks[-1][1], pooled)
+    if blocks[0][1].shape == pooled.shape:  # the first block is not the output under another name
+        assert not torch.allclose(blocks[0][1], pooled)
+
+
+def test_resnet_widths_per_stage() -> None:
+    net = ResNet(18, 0.125, 16, 1).eval()
+    with torch.no_grad():
+        widths = [f.shape[1] for _, f in net.block_features(torch.randn(2, 1, 16, 16))]
+    assert widths == [8, 8, 16, 16, 32, 32, 64, 64]
+    assert widths[-1] == net.feature_dim
+
+
+def test_igpt_feature_layer_entry_equals_pooled_features() -> None:
+    """iGPT's pooled features stop at ``feature_layer`` (default: the middle block); the per-block
+    features run every block, and the entry of that block equals them."""
+    torch.manual_seed(0)
+    net = IGPT("tiny", 8, 1).eval()
+    assert net.feature_layer == 2
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        blocks = net.block_features(x)
+        pooled = net(x)
+    assert [n for n, _ in blocks] == ["block1", "block2", "block3", "block4"]
+    assert torch.equal(blocks[1][1], pooled)
+    assert not torch.allclose(blocks[-1][1], pooled)
+
+
+def small_digits(n_train: int = 120, n_test: int = 80):
+    tr, te = digits("train"), digits("test")
+    return tr.subset(torch.arange(n_train)), te.subset(torch.arange(n_test))
+
+
+def test_block_features_over_a_dataset_match_the_transfer_features() -> None:
+    torch.manual_seed(0)
+    net = ViT("nano", 16, 4, 1)
+    _, test = small_digits()
+    blocks = layerwise.block_features(net, test, batch_size=32)
+    assert [(n, tuple(f.shape)) for n, f in blocks] == [(f"block{i}", (80, 96)) for i in range(1, 5)]
+    assert torch.equal(blocks[-1][1], features(net, test, batch_size=32))
+    assert net.training  # mode restored
+
+
+def test_probe_scores_every_block_with_the_linear_protocol(tmp_path) -> None:
+    torch.manual_seed(0)
+    net, twin = LSTM(16, 4, 1, hidden=8, layers=2), LSTM(16, 4, 1, hidden=8, layers=2)
+    train, test = small_digits()
+    result = layerwise.probe(net, twin, train, test, Linear(max_iter=200), batch_size=64)
+    assert [(r["block"], r["depth"]) for r in result["rows"]] == [("layer1", 1), ("layer2", 2)]
+    assert result["protocol"] == {"name": "linear", "C": 1.0, "max_iter": 200, "tol": 1e-4, "solver": "newton-cg"}
+    for who, backbone in (("pretrained", net), ("random_init", twin)):
+        ref_tr = layerwise.block_features(backbone, train)
+        ref_te = layerwise.block_features(backbone, test)
+        for row, (_, xtr), (_, xte) in zip(result["rows"], ref_tr, ref_te, strict=True):
+            expected = Linear(max_iter=200).fit_score(xtr, train.targets, xte, test.targets)["top1"]
+            assert row[who] == round(expected, 4)
+    # the last block is the backbone's own features: the same number the transfer suite reports
+    top = Linear(max_iter=200).fit_score(features(net, train), train.targets, features(net, test), test.targets)
+    assert result["rows"][-1]["pretrained"] == round(top["top1"], 4)
+    png = layerwise.curve_png(result["rows"], tmp_path / "curve.png", "title")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("analyze") / "qs"
+    api.run(resolve("quickstart", ["run.tiny=true", f"run.out={out}"]), transfer=False)
+    return out
+
+
+def test_analyze_cli_writes_curve_and_cka(tiny_run, capsys) -> None:
+    assert main(["analyze", str(tiny_run), "--task", "digits", "--limit", "60"]) == 0
+    printed = capsys.readouterr().out
+    out = tiny_run / "analysis"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cka-pretrained-vs-random_init.json", "cka-pretrained-vs-random_init.png",
+        "layerwise-digits.json", "layerwise-digits.png"]
+    lw = json.loads((out / "layerwise-digits.json").read_text())
+    assert [(r["block"], r["depth"]) for r in lw["rows"]] == [(f"block{i}", i) for i in range(1, 5)]
+    assert lw["provenance"]["train_images"] == 60 and lw["provenance"]["test_images"] == 60
+    # the pretrained column reproduced from the checkpoint by hand
+    net, _, recipe = api.load_backbone(tiny_run)
+    train, test = (d.subset(torch.arange(60)) for d in (digits("train"), digits("test")))
+    ref_tr, ref_te = layerwise.block_features(net, train), layerwise.block_features(net, test)
+    for row, (_, xtr), (_, xte) in zip(lw["rows"], ref_tr, ref_te, strict=True):
+        assert row["pretrained"] == round(Linear().fit_score(xtr, train.targets, xte, test.targets)["top1"], 4)
+        assert f"{row['pretrained']:.2f}" in printed
+    sim = json.loads((out / "cka-pretrained-vs-random_init.json").read_text())
+    assert (sim["a"], sim["b"], sim["images"]) == ("pretrained", "random_init", 60)
+    assert sim["rows"] == sim["cols"] == [f"block{i}" for i in range(1, 5)]
+    from bigmodel.train.build import random_twin
+
+    twin_te = layerwise.block_features(random_twin(recipe), test)
+    assert sim["cka"][2][1] == round(cka.linear_cka(ref_te[2][1], twin_te[1][1]), 6)
+    assert (out / "layerwise-digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_analyze_against_itself_and_against_another_architecture(tiny_run, tmp_path, capsys) -> None:
+    result = api.analyze(tiny_run, "digits", limit=40, against=checkpoint.latest(tiny_run / "checkpoints"))
+    b = result["cka"]["b"]
+    assert b == "qs"
+    diag = [result["cka"]["cka"][i][i] for i in range(4)]
+    assert diag == pytest.approx([1.0] * 4, abs=1e-6)  # the same weights: identical representations
+    assert (tiny_run / "analysis" / "cka-pretrained-vs-qs.png").is_file()
+    # a copy whose recipe names another architecture (drop_path differs; the weights still load)
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run / "checkpoints", other / "checkpoints")
+    for meta_path in (other / "checkpoints").glob("*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        meta["recipe"]["architecture"]["drop_path"] = 0.1
+        meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["analyze", str(tiny_run), "--task", "digits", "--limit", "40", "--against", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"recipe error: --against {other}: its architecture")
+    assert "differs from" in err[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "digits", "--limit", "1"], "recipe error: --limit 1: must be at least 2 images per split"),
+    (["--task", "nosuchset"], "recipe error: --task nosuchset: task.name = 'nosuchset': unknown dataset; valid: "),
+    (["--task", "digits", "--against", "/nonexistent/run"],
+     "recipe error: --against /nonexistent/run: no complete checkpoint"),
+])
+def test_analyze_bad_input_is_one_line(tiny_run, capsys, argv, message) -> None:
+    capsys.readouterr()
+    assert main(["analyze", str(tiny_run), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message)
+
+
+def test_analyze_without_a_checkpoint(tmp_path, capsys) -> None:
+    assert main(["analyze", str(tmp_path), "--task", "digits"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"recipe error: {tmp_path}: no complete checkpoint (expected a run directory or checkpoints/step_*)"
