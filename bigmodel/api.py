@@ -218,43 +218,30 @@ def ensemble(ckpts: list[str | Path], task: str | dict[str, Any], sets: list[str
         console.print(f"ensemble report: {out}")
     return result
 
-def _figures(run_dir: Path, console: Console) -> list[Path]:
-    """The run's figures (:func:`bigmodel.analysis.figures.make_all`); a figure that fails is
-    reported in one line and does not cost the run its report."""
-    from bigmodel.analysis import figures
 
-    try:
-        return figures.make_all(run_dir, console)
-    except Exception as e:  # noqa: BLE001  (a figure never loses a trained run's report)
-        console.print(f"[yellow]figures skipped[/]: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                      highlight=False)
-        return []
-
-
-def report(run_dir: str | Path, console: Console | None = None, figures: bool = True) -> tuple[Path, Path]:
-    """Rebuild ``report.json`` and ``report.html`` of a run directory from its files alone (metrics,
-    latest checkpoint, ``transfer/*.json``, ``analysis/*``), without retraining and without the
-    pretraining data; with ``figures``, (re)draw the figures first. Returns the two paths.
-
-    Raises:
-        RecipeError: not a run directory, or no intact checkpoint.
-    """
-    from bigmodel.analysis import figures as figs
+def compare(run_dirs: list[str | Path], out: str | Path | None = None,
+            console: Console | None = None) -> dict[str, Any]:
+    """Compare finished run directories (see :mod:`bigmodel.analysis.compare`): one table, plots
+    and power-law fits; writes ``compare.json`` and ``compare.html`` into ``out`` when given."""
+    from bigmodel.analysis import compare as cmp
 
     console = console or Console()
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir() or not ((run_dir / "recipe.yaml").is_file() or (run_dir / "checkpoints").is_dir()):
-        raise RecipeError(f"report {run_dir}: not a bigmodel run directory (no recipe.yaml or checkpoints/)")
-    model, found, _ = figs.load_objective(run_dir)
-    facts = {"backbone_params": model.backbone.num_params(), "total_params": sum(p.numel() for p in model.parameters())}
-    steps = checkpoint.load_meta(found)["step"]
-    del model
-    if figures:
-        written = _figures(run_dir, console)
-        console.print(f"figures: {len(written)} under {run_dir / 'figures'}", highlight=False)
-    json_path, html_path = run_report.rebuild(run_dir, model=facts, steps_done=steps)
-    console.print(f"report: {json_path}  {html_path}", highlight=False)
-    return json_path, html_path
+    result = cmp.compare(run_dirs)
+    console.print(f"[bold]bigmodel compare[/] {len(result['rows'])} runs, {len(result['columns'])} task · protocol columns",
+                  highlight=False)
+    if out is not None:
+        json_path, html_path = cmp.write(result, out)
+        console.print(f"compare: {json_path}  {html_path}", highlight=False)
+    return result
+
+
+def sweep(source: str | None, overrides: list[str], out: str | Path | None = None,
+          console: Console | None = None, transfer: bool = True) -> dict[str, Any]:
+    """Run the grid of ``overrides`` (``key=a,b,c`` axes, other ``key=value`` fixed) one run after
+    another, resumable, then compare them into ``out`` (see :mod:`bigmodel.sweep`)."""
+    from bigmodel import sweep as sw
+
+    return sw.sweep(source, overrides, out, console, transfer)
 
 
 def analyze(run_dir: str | Path, task: str, limit: int | None = None, against: str | Path | None = None,
@@ -364,3 +351,42 @@ def _analysis_table(rows: list[dict[str, Any]], sim: dict[str, Any]) -> Any:
         t.add_row(r["block"], f"{r['pretrained']:.2f}", f"{r['random_init']:.2f}",
                   "" if diag is None else f"{diag:.3f}")
     return t
+
+
+def _figures(run_dir: Path, console: Console) -> list[Path]:
+    """The run's figures (:func:`bigmodel.analysis.figures.make_all`); a figure that fails is
+    reported in one line and does not cost the run its report."""
+    from bigmodel.analysis import figures
+
+    try:
+        return figures.make_all(run_dir, console)
+    except Exception as e:  # noqa: BLE001  (a figure never loses a trained run's report)
+        console.print(f"[yellow]figures skipped[/]: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                      highlight=False)
+        return []
+
+
+def report(run_dir: str | Path, console: Console | None = None, figures: bool = True) -> tuple[Path, Path]:
+    """Rebuild ``report.json`` and ``report.html`` of a run directory from its files alone (metrics,
+    latest checkpoint, ``transfer/*.json``, ``analysis/*``), without retraining and without the
+    pretraining data; with ``figures``, (re)draw the figures first. Returns the two paths.
+
+    Raises:
+        RecipeError: not a run directory, or no intact checkpoint.
+    """
+    from bigmodel.analysis import figures as figs
+
+    console = console or Console()
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not ((run_dir / "recipe.yaml").is_file() or (run_dir / "checkpoints").is_dir()):
+        raise RecipeError(f"report {run_dir}: not a bigmodel run directory (no recipe.yaml or checkpoints/)")
+    model, found, _ = figs.load_objective(run_dir)
+    facts = {"backbone_params": model.backbone.num_params(), "total_params": sum(p.numel() for p in model.parameters())}
+    steps = checkpoint.load_meta(found)["step"]
+    del model
+    if figures:
+        written = _figures(run_dir, console)
+        console.print(f"figures: {len(written)} under {run_dir / 'figures'}", highlight=False)
+    json_path, html_path = run_report.rebuild(run_dir, model=facts, steps_done=steps)
+    console.print(f"report: {json_path}  {html_path}", highlight=False)
+    return json_path, html_path

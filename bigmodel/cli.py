@@ -159,15 +159,36 @@ def cmd_data_shard(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    with _as_recipe_errors():
-        api.report(args.run_dir, console, figures=not args.no_figures)
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    result = api.compare(args.runs, args.out, console)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    return EXIT_OK
+
+
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    result = api.sweep(args.recipe, args.overrides, args.out, console)
+    states = [r["state"] for r in result["runs"]]
+    if "stopped" in states:
+        print(f"sweep stopped after {states.count('done') + states.count('skipped')} of {len(states)} runs; "
+              f"rerun the same command to continue", file=sys.stderr)
+        return EXIT_STOPPED
+    if "diverged" in states:
+        print(f"sweep: {states.count('diverged')} of {len(states)} runs diverged (non-finite loss): "
+              + ", ".join(r["name"] for r in result["runs"] if r["state"] == "diverged"), file=sys.stderr)
+        return EXIT_DIVERGED
     return EXIT_OK
 
 
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     with _as_recipe_errors():
         api.analyze(args.run_dir, args.task, args.limit, args.against, console)
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    with _as_recipe_errors():
+        api.report(args.run_dir, console, figures=not args.no_figures)
     return EXIT_OK
 
 
@@ -214,10 +235,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=10000, help="samples per shard (default 10000)")
     s.add_argument("--force", action="store_true", help="replace shards of this split already in DST")
     s.set_defaults(fn=cmd_data_shard)
-    s = sub.add_parser("report", help="rebuild a run's report.json/html and figures from its files (no data, no training)")
-    s.add_argument("run_dir", help="run directory")
-    s.add_argument("--no-figures", action="store_true", help="keep the figures under RUN_DIR/figures as they are")
-    s.set_defaults(fn=cmd_report)
+    s = sub.add_parser("compare", help="one table and plots across run directories (accuracy, compute, power-law fits)")
+    s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run directories (with report.json)")
+    s.add_argument("--out", default="runs/compare", help="folder for compare.json and compare.html (default runs/compare)")
+    s.add_argument("--json", action="store_true", help="also print the comparison as JSON")
+    s.set_defaults(fn=cmd_compare)
+    s = sub.add_parser("sweep", help="run a grid of overrides (key=a,b,c) one after another, then compare them",
+                       usage="bigmodel sweep [RECIPE] key=a,b,c [key2=x,y ...] [key=value ...] [--out DIR]",
+                       epilog="e.g. bigmodel sweep quickstart run.tiny=true optim.steps=2,4,8 --out runs/sweep; "
+                              "rerun the same command to resume: finished runs are skipped")
+    s.add_argument("recipe", nargs="?", help="zoo name or YAML file (default: quickstart)")
+    s.add_argument("overrides", nargs="*", help="section.key=a,b,c (an axis) or section.key=value (every run)")
+    s.add_argument("--out", help="sweep folder: one run directory per grid point, compare.html (default runs/sweep-RECIPE)")
+    s.set_defaults(fn=cmd_sweep)
     s = sub.add_parser("analyze", help="linear probe per block (pretrained vs random init) and linear CKA between layers")
     s.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint folder")
     s.add_argument("--task", required=True, help="dataset name or path to an .npz file")
@@ -225,6 +255,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--against", metavar="RUN_DIR|CKPT",
                    help="CKA against this backbone (same architecture) instead of the random-init twin")
     s.set_defaults(fn=cmd_analyze)
+    s = sub.add_parser("report", help="rebuild a run's report.json/html and figures from its files (no data, no training)")
+    s.add_argument("run_dir", help="run directory")
+    s.add_argument("--no-figures", action="store_true", help="keep the figures under RUN_DIR/figures as they are")
+    s.set_defaults(fn=cmd_report)
     return p
 
 

@@ -1,0 +1,124 @@
+"""``bigmodel compare``: the table read back exactly from the runs' report.json, the power-law fit
+against its definition, the files written, and one clear line for a folder that is not a run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from bigmodel import api, cli
+from bigmodel.analysis import compare
+from bigmodel.recipe import RecipeError, resolve
+
+LINEAR, KNN = "digits · linear", "digits · knn"
+TRANSFER = "transfer=[{task: digits, protocol: linear}, {task: digits, protocol: knn, k: 5}]"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[Path]:
+    """Three tiny quickstart runs: seeds 0, 1, 2 with 2, 3, 4 steps (linear and kNN on digits)."""
+    root = tmp_path_factory.mktemp("runs")
+    dirs = []
+    for seed, steps in ((0, 2), (1, 3), (2, 4)):
+        out = root / f"seed{seed}"
+        recipe = resolve("quickstart", ["run.tiny=true", f"run.seed={seed}", f"optim.steps={steps}",
+                                        f"run.out={out}", TRANSFER])
+        api.run(recipe, Console(quiet=True))
+        dirs.append(out)
+    return dirs
+
+
+def test_table_reads_each_report_exactly(runs, tmp_path) -> None:
+    result = api.compare(runs, tmp_path / "cmp", Console(quiet=True))
+    assert result["columns"] == [LINEAR, KNN]
+    assert [r["label"] for r in result["rows"]] == ["seed0", "seed1", "seed2"]
+    for row, run, steps in zip(result["rows"], runs, (2, 3, 4), strict=True):
+        report = json.loads((run / "report.json").read_text())
+        linear, knn = (r["results"] for r in report["transfer"])
+        assert row["run"] == str(run)
+        assert (row["architecture"], row["size"], row["objective"], row["data"]) == ("vit", "nano", "supervised", "fractals")
+        assert row["params"] == report["model"]["backbone_params"] == 455520
+        assert row["steps"] == report["pretrain"]["steps_done"] == steps
+        assert row["pretrain_gflops"] == report["model"]["train_gflops_per_step"] * steps
+        assert row["top1"] == {LINEAR: linear["pretrained"]["top1"], KNN: knn["pretrained"]["top1"]}
+        assert row["random_init_gap"] == {LINEAR: linear["pretrained"]["top1"] - linear["random_init"]["top1"],
+                                          KNN: knn["pretrained"]["top1"] - knn["random_init"]["top1"]}
+    assert result["fits"] == {"compute": {}, "params": {}}  # three runs: no fit
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3  # bars, against compute, against parameters
+    assert "No fit" in page
+    assert sorted(p.name for p in (tmp_path / "cmp").glob("*.png")) == [
+        "compare-accuracy-against-parameters.png", "compare-accuracy-against-pretraining-compute.png",
+        "compare-accuracy-per-protocol.png"]
+
+
+def test_transfer_files_add_columns_the_report_lacks(runs, tmp_path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    report = json.loads((run / "report.json").read_text())
+    row = {**report["transfer"][0], "task": "mnist", "results": {"pretrained": {"top1": 12.5}}}
+    same = {**report["transfer"][0], "results": {"pretrained": {"top1": 1.0}}}  # the report's row wins
+    (run / "transfer").mkdir(exist_ok=True)
+    (run / "transfer" / "custom-abc.json").write_text(json.dumps({"provenance": {}, "transfer": [row, same]}))
+    (run / "transfer" / "partial.json").write_text("{}")  # a stopped suite's rows: left out
+    got = compare.read_run(run)
+    assert got["top1"] == {LINEAR: report["transfer"][0]["results"]["pretrained"]["top1"],
+                           KNN: report["transfer"][1]["results"]["pretrained"]["top1"], "mnist · linear": 12.5}
+    assert "mnist · linear" not in got["random_init_gap"]
+
+
+def test_power_law_recovers_its_parameters() -> None:
+    x = np.array([3.0, 30.0, 250.0, 4e3, 7e4])
+    fit = compare.power_law(x, 42.0 * x ** -0.37)
+    assert fit["a"] == pytest.approx(42.0, abs=1e-9, rel=0)
+    assert fit["b"] == pytest.approx(0.37, abs=1e-9, rel=0)
+    assert fit["r2"] == pytest.approx(1.0, abs=1e-12)
+    assert fit["n"] == 5
+    # a noisy line: the least-squares slope and intercept of log error on log x
+    lx, ly = np.log(x), np.log([20.0, 11.0, 9.0, 4.0, 3.5])
+    slope, intercept = np.polyfit(lx, ly, 1)
+    fit = compare.power_law(x, np.exp(ly))
+    assert (fit["a"], fit["b"]) == (pytest.approx(np.exp(intercept), rel=1e-12), pytest.approx(-slope, rel=1e-12))
+
+
+def _fake_run(folder: Path, gflops_per_step: float, steps: int, params: int, top1: float) -> Path:
+    folder.mkdir(parents=True)
+    row = {"task": "digits", "task_settings": {}, "protocol": "linear", "settings": {},
+           "results": {"pretrained": {"top1": top1}}}
+    (folder / "report.json").write_text(json.dumps({
+        "recipe": {"architecture": {"name": "vit", "size": "nano"}, "objective": {"name": "mae"},
+                   "data": {"name": "npz", "path": "/data/cifar10.npz"}},
+        "pretrain": {"steps_done": steps}, "model": {"backbone_params": params, "train_gflops_per_step": gflops_per_step},
+        "transfer": [row]}))
+    return folder
+
+
+def test_fit_over_four_runs_is_drawn_and_saved(tmp_path) -> None:
+    a, b, steps = 80.0, 0.2, [10, 40, 160, 640]
+    runs = [_fake_run(tmp_path / f"r{s}", 0.5, s, 1000 * s, 100 - a * (0.5 * s) ** -b) for s in steps]
+    result = compare.compare(runs)
+    fit = result["fits"]["compute"][LINEAR]
+    assert (fit["a"], fit["b"], fit["n"]) == (pytest.approx(a, abs=1e-9, rel=0), pytest.approx(b, abs=1e-9, rel=0), 4)
+    fit = result["fits"]["params"][LINEAR]  # accuracy = 100 - 80·(s/2)^-0.2 = 100 - 80·2000^0.2·P^-0.2
+    assert (fit["a"], fit["b"]) == (pytest.approx(a * 2000 ** b, rel=1e-12), pytest.approx(b, abs=1e-9, rel=0))
+    assert [r["data"] for r in result["rows"]] == ["cifar10"] * 4
+    compare.write(result, tmp_path / "out")
+    page = (tmp_path / "out" / "compare.html").read_text()
+    assert "No fit" not in page and f"<td>{a:.4g}</td><td>{b:.4g}</td>" in page
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["fits"]["compute"][LINEAR]["n"] == 4
+
+
+def test_a_folder_without_report_is_one_clear_line(runs, tmp_path, capsys) -> None:
+    with pytest.raises(RecipeError, match=f"^{tmp_path}: no report.json there"):
+        compare.compare([runs[0], tmp_path])
+    assert cli.main(["compare", str(runs[0]), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"recipe error: {tmp_path}: no report.json there (not a finished bigmodel run directory)\n"
+    assert not (tmp_path / "o").exists()
