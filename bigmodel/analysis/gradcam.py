@@ -117,21 +117,26 @@ def _figure(images: torch.Tensor, labels: torch.Tensor, cam: torch.Tensor, pred:
     import matplotlib.pyplot as plt
 
     n = len(images)
-    fig, axes = plt.subplots(n, 2, figsize=(5.2, 2.5 * n + 0.5), dpi=100, squeeze=False, layout="constrained")
+    pairs = 4 if n >= 4 else n  # image | overlay pairs per figure row
+    rows = -(-n // pairs)
+    fig, grid = plt.subplots(rows, 2 * pairs, figsize=(2.1 * 2 * pairs, 2.3 * rows + 0.8), dpi=100,
+                             squeeze=False, layout="constrained")
+    for ax in grid.flat:
+        ax.set_axis_off()
+    im = None
     for i in range(n):
+        left, right = grid[i // pairs, 2 * (i % pairs)], grid[i // pairs, 2 * (i % pairs) + 1]
         img = _display(images[i])
         heat = cam[i] / cam[i].max() if cam[i].max() > 0 else cam[i]
         grey = img.ndim == 2
-        axes[i, 0].imshow(img, cmap="gray" if grey else None, vmin=0, vmax=1)
+        left.imshow(img, cmap="gray" if grey else None, vmin=0, vmax=1)
         known = f"label {int(labels[i])}, " if labels[i] >= 0 else ""
-        axes[i, 0].set_title(f"image ({known}predicted {int(pred[i])})", fontsize=9)
-        axes[i, 1].imshow(img, cmap="gray" if grey else None, vmin=0, vmax=1)
-        im = axes[i, 1].imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-        axes[i, 1].set_title(f"Grad-CAM, class {int(pred[i])}", fontsize=9)
-        for ax in axes[i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.colorbar(im, ax=axes[i, 1], fraction=0.046, pad=0.04, label="CAM / max")
+        left.set_title(f"{known}pred. {int(pred[i])}", fontsize=9)
+        right.imshow(img, cmap="gray" if grey else None, vmin=0, vmax=1)
+        im = right.imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        right.set_title(f"Grad-CAM, class {int(pred[i])}", fontsize=9)
+    if im is not None:
+        fig.colorbar(im, ax=grid, fraction=0.02, pad=0.01, label="CAM / max")
     fig.suptitle(f"Grad-CAM of the predicted class\n(logits of {source})", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
