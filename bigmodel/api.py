@@ -245,13 +245,15 @@ def sweep(source: str | None, overrides: list[str], out: str | Path | None = Non
 
 
 def analyze(run_dir: str | Path, task: str, limit: int | None = None, against: str | Path | None = None,
-            console: Console | None = None) -> dict[str, Any]:
+            console: Console | None = None, finetune: list[str] | None = None) -> dict[str, Any]:
     """Layer-wise transfer analysis of a checkpoint on ``task`` (a dataset name or an ``.npz`` path):
     a linear probe on every block of the pretrained backbone and of its random-init twin
     (:mod:`bigmodel.analysis.layerwise`), and linear CKA between every pair of their layers on the
     task's test images (:mod:`bigmodel.analysis.cka`): pretrained vs the twin, or vs the backbone of
-    ``against`` (a run directory or checkpoint folder of the same architecture). ``limit`` keeps the
-    first ``limit`` images of each split.
+    ``against`` (a run directory or checkpoint folder of the same architecture), or vs a copy of the
+    backbone fine-tuned on the task's train split when ``finetune`` is given (``KEY=VALUE`` settings
+    of the finetune protocol; ``[]`` for its defaults): which layers does fine-tuning change?
+    ``limit`` keeps the first ``limit`` images of each split.
 
     Writes ``RUN/analysis/layerwise-<task>.json|png`` and ``RUN/analysis/cka-<a>-vs-<b>.json|png``;
     returns ``{"layerwise": ..., "cka": ..., "files": [...]}``.
@@ -274,6 +276,8 @@ def analyze(run_dir: str | Path, task: str, limit: int | None = None, against: s
         raise RecipeError(f"--limit {limit}: must be at least 2 images per split")
     net, found, recipe = load_backbone(run_dir)
     other = None
+    if against is not None and finetune is not None:
+        raise RecipeError("give --against or --finetune, not both")
     if against is not None:
         try:
             other, found_b, recipe_b = load_backbone(against)
@@ -294,6 +298,10 @@ def analyze(run_dir: str | Path, task: str, limit: int | None = None, against: s
         raise RecipeError(f"--task {task}: {str(e).splitlines()[0]}") from e
     if limit is not None:
         train, test = (d.subset(torch.arange(min(limit, len(d)))) for d in (train, test))
+    finetuned = None
+    if finetune is not None:
+        finetuned = _finetuned_copy(net, entry, finetune, train, test, console)
+        other = finetuned.pop("backbone")
     twin = build.random_twin(recipe).to(next(net.parameters()).device)
     if hasattr(net, "palette"):
         twin.palette.load_state_dict(net.palette.state_dict())
@@ -322,11 +330,12 @@ def analyze(run_dir: str | Path, task: str, limit: int | None = None, against: s
         b_label = "random_init"
         b_feats = [(n, te) for n, (_, te) in feats["random_init"].items()]
     else:
-        b_label = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_dir_of(found_b).name)
+        b_label = "finetuned" if finetuned is not None else re.sub(r"[^A-Za-z0-9_.-]+", "_", run_dir_of(found_b).name)
         b_feats = layerwise.block_features(other.to(dev), test, recipe.run.eval_batch_size, dtype, console,
                                            f"block features test · {b_label}")
+    source = {"finetune": finetuned} if finetuned is not None else {"against": str(found_b)} if other is not None else {}
     sim = {**cka.matrix(a_feats, b_feats), "a": "pretrained", "b": b_label, "task": name, "images": len(test),
-           "provenance": {**prov, **({"against": str(found_b)} if other is not None else {})}}
+           "provenance": {**prov, **source}}
     stem = f"cka-pretrained-vs-{b_label}"
     cka_json = out / f"{stem}.json"
     cka_json.write_text(json.dumps(sim, indent=1, default=str))
@@ -336,6 +345,29 @@ def analyze(run_dir: str | Path, task: str, limit: int | None = None, against: s
     files = [lw_json, lw_png, cka_json, cka_png]
     console.print("analysis: " + "  ".join(str(f) for f in files), highlight=False)
     return {"layerwise": lw, "cka": sim, "files": [str(f) for f in files]}
+
+
+def _finetuned_copy(net: Any, entry: dict[str, Any], sets: list[str], train: Any, test: Any,
+                    console: Console) -> dict[str, Any]:
+    """Fine-tune a copy of ``net`` on ``train`` with the finetune protocol (``KEY=VALUE`` settings);
+    returns its settings, schedule, test top-1 and the fine-tuned ``backbone``."""
+    from bigmodel.recipe import parse_override
+    from bigmodel.registry import PROTOCOLS
+
+    settings = {}
+    for kv in sets:
+        path, value = parse_override(kv)
+        settings[".".join(path)] = value
+    try:
+        spec = suites.specs([{"task": entry, "protocol": "finetune", **settings}])[0]
+    except RecipeError as e:
+        raise RecipeError(f"--finetune: {str(e).removeprefix('transfer.0.')}") from None
+    protocol = PROTOCOLS.build("finetune", **spec.protocol.kwargs)
+    model, schedule = protocol.fit(net, train, console=console)
+    top1 = 100.0 * (protocol.predict_proba(model, test).argmax(1) == test.targets).float().mean().item()
+    console.print(f"fine-tuned copy: top-1 {top1:.2f}% on the test split", highlight=False)
+    return {"settings": protocol.settings(), "schedule": schedule.as_dict(), "top1": top1,
+            "backbone": model.backbone}
 
 
 def _analysis_table(rows: list[dict[str, Any]], sim: dict[str, Any]) -> Any:

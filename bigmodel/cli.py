@@ -182,7 +182,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
     with _as_recipe_errors():
-        api.analyze(args.run_dir, args.task, args.limit, args.against, console)
+        api.analyze(args.run_dir, args.task, args.limit, args.against, console, finetune=args.finetune)
     return EXIT_OK
 
 
@@ -254,6 +254,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, help="use the first N images of each split")
     s.add_argument("--against", metavar="RUN_DIR|CKPT",
                    help="CKA against this backbone (same architecture) instead of the random-init twin")
+    s.add_argument("--finetune", nargs="*", metavar="KEY=VALUE",
+                   help="CKA against a fine-tuned copy of the backbone (fine-tuned on the task's train split "
+                        "with the finetune protocol; KEY=VALUE set its keys, e.g. steps=300 batch_size=128)")
     s.set_defaults(fn=cmd_analyze)
     s = sub.add_parser("report", help="rebuild a run's report.json/html and figures from its files (no data, no training)")
     s.add_argument("run_dir", help="run directory")

@@ -5,7 +5,9 @@ overridden; the framework's training loop, with its progress line, checkpoints i
 ``checkpoint_dir`` and resume), member ``i`` with seed ``seed + i`` (so one checkpoint listed twice still gives two
 different members); the ensemble predicts the mean of the members' softmax probabilities
 (Lakshminarayanan et al., 2017). Reported on the test split: top-1 and negative log-likelihood of
-every member and of the ensemble.
+every member and of the ensemble, the ensemble's gain over its best member, and the pairwise
+disagreement of the members (the share of test images on which two members predict different
+classes: an ensemble can only gain where its members disagree).
 """
 
 from __future__ import annotations
@@ -49,11 +51,15 @@ def ensemble(members: Sequence[tuple[str, Backbone]], train: TensorImages, test:
         console.print(f"  member {i} ({name}): top-1 {rows[-1]['top1']:.2f}%", highlight=False)
     combined = scores(torch.stack(probs).mean(0), test.targets)
     best = max(r["top1"] for r in rows)
+    preds = [p.argmax(1) for p in probs]
+    disagreement = [[100.0 * (a != b).float().mean().item() for b in preds] for a in preds]
     console.print(f"  ensemble of {len(rows)}: top-1 {combined['top1']:.2f}% (best member {best:.2f}%)", highlight=False)
     return {"protocol": "finetune", "settings": protocol.settings(), "combine": "mean of softmax probabilities",
             "n_train": len(train), "n_test": len(test), "members": rows,
             "ensemble": {**combined, "size": len(rows)}, "best_member_top1": best,
-            "mean_member_top1": sum(r["top1"] for r in rows) / len(rows)}
+            "gain_over_best": combined["top1"] - best,
+            "mean_member_top1": sum(r["top1"] for r in rows) / len(rows),
+            "disagreement": disagreement}  # % of test images on which members i and j differ
 
 
 def table(result: dict[str, Any], title: str = "ensemble (test split)") -> Table:
@@ -64,4 +70,9 @@ def table(result: dict[str, Any], title: str = "ensemble (test split)") -> Table
         t.add_row(f"member {i}: {r['member']}", f"{r['top1']:.2f}", f"{r['nll']:.3f}")
     e = result["ensemble"]
     t.add_row(f"ensemble ({e['size']}, mean prob.)", f"{e['top1']:.2f}", f"{e['nll']:.3f}", style="bold")
+    d = result.get("disagreement")
+    if d is not None and len(d) > 1:
+        pairs = [d[i][j] for i in range(len(d)) for j in range(i + 1, len(d))]
+        t.caption = (f"gain over the best member {result['gain_over_best']:+.2f} points; members disagree on "
+                     f"{sum(pairs) / len(pairs):.2f}% of test images on average")
     return t

@@ -180,3 +180,26 @@ def test_analyze_without_a_checkpoint(tmp_path, capsys) -> None:
     assert main(["analyze", str(tmp_path), "--task", "digits"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"recipe error: {tmp_path}: no complete checkpoint (expected a run directory or checkpoints/step_*)"
+
+
+def test_analyze_against_a_finetuned_copy(tiny_run, capsys) -> None:
+    """``--finetune``: CKA between the pretrained backbone and a copy fine-tuned on the task, which is
+    the protocol's own (deterministic) fine-tune: refitting it here gives the same cells."""
+    from bigmodel.transfer.finetune import Finetune
+
+    assert main(["analyze", str(tiny_run), "--task", "digits", "--limit", "50", "--finetune", "steps=4",
+                 "batch_size=16", "lr=0.5", "warmup_steps=0"]) == 0
+    sim = json.loads((tiny_run / "analysis" / "cka-pretrained-vs-finetuned.json").read_text())
+    assert (sim["a"], sim["b"]) == ("pretrained", "finetuned")
+    ft = sim["provenance"]["finetune"]
+    assert ft["schedule"]["steps"] == 4 and ft["settings"]["batch_size"] == 16
+    net, _, _ = api.load_backbone(tiny_run)
+    train, test = (d.subset(torch.arange(50)) for d in (digits("train"), digits("test")))
+    protocol = Finetune(steps=4, batch_size=16, lr=0.5, warmup_steps=0)
+    model, _ = protocol.fit(net, train)
+    assert ft["top1"] == 100.0 * (protocol.predict_proba(model, test).argmax(1) == test.targets).float().mean().item()
+    mine, tuned = layerwise.block_features(net, test), layerwise.block_features(model.backbone, test)
+    for i in range(4):
+        assert sim["cka"][i][i] == round(cka.linear_cka(mine[i][1], tuned[i][1]), 6)
+    assert sim["cka"][3][3] < 1.0  # fine-tuning moved the last block
+    assert main(["analyze", str(tiny_run), "--task", "digits", "--finetune", "steps=0"]) == 2

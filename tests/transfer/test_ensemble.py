@@ -35,12 +35,20 @@ def test_ensemble_reports_members_and_ensemble(tiny_mlp):
     assert three["ensemble"]["size"] == 3
     # the ensemble is the mean of the members' probabilities: refit the members (seed i each) and
     # score that mean directly with numpy
-    probs = np.mean([protocol.predict_proba(protocol.fit(net, train, seed=protocol.seed + i)[0], test).numpy()
-                     for i, net in enumerate([tiny_mlp(0), tiny_mlp(1), tiny_mlp(0)])], axis=0)
+    member_probs = [protocol.predict_proba(protocol.fit(net, train, seed=protocol.seed + i)[0], test).numpy()
+                    for i, net in enumerate([tiny_mlp(0), tiny_mlp(1), tiny_mlp(0)])]
+    probs = np.mean(member_probs, axis=0)
     y = test.targets.numpy()
     assert round(three["ensemble"]["top1"] * len(y) / 100) == int((probs.argmax(1) == y).sum())
     assert three["ensemble"]["nll"] == pytest.approx(float(-np.log(probs[np.arange(len(y)), y]).mean()), rel=1e-5)
     assert three["best_member_top1"] == max(m["top1"] for m in three["members"])
+    assert three["gain_over_best"] == three["ensemble"]["top1"] - three["best_member_top1"]
+    # pairwise disagreement: % of test images on which members i and j predict different classes
+    preds = [p.argmax(1) for p in member_probs]
+    expected = [[100.0 * float((a != b).mean()) for b in preds] for a in preds]
+    assert np.allclose(three["disagreement"], expected, atol=1e-4)
+    assert [three["disagreement"][i][i] for i in range(3)] == [0.0, 0.0, 0.0]
+    assert three["disagreement"][0][2] > 0  # same backbone, another seed: the members differ somewhere
     assert all(m["schedule"]["steps"] == 30 for m in three["members"])
 
 
