@@ -1,4 +1,5 @@
-"""``bigmodel`` command line: run, pretrain, transfer, ensemble, zoo, components, data shard.
+"""``bigmodel`` command line: run, pretrain, transfer, ensemble, report, analyze, compare, sweep, zoo,
+components, data shard (a thin layer over :mod:`bigmodel.api`).
 
 Recipe problems print one ``recipe error:`` line and exit with status 2 before anything is written.
 
@@ -9,7 +10,7 @@ Exit status, the same for every command:
 2     bad input: a recipe, data, path, run-directory or checkpoint problem, told in one line on stderr
 3     stopped by SIGTERM/SIGINT: the checkpoint (pretraining) or the rows done (transfer) are saved;
       rerun the same command to continue
-4     training diverged (non-finite loss); the last good checkpoint is kept
+4     training diverged (non-finite loss or gradient); the last good checkpoint is kept
 ====  ==============================================================================================
 """
 
