@@ -302,9 +302,7 @@ def analyze(run_dir: str | Path, task: str, limit: int | None = None, against: s
     if finetune is not None:
         finetuned = _finetuned_copy(net, entry, finetune, train, test, console)
         other = finetuned.pop("backbone")
-    twin = build.random_twin(recipe).to(next(net.parameters()).device)
-    if hasattr(net, "palette"):
-        twin.palette.load_state_dict(net.palette.state_dict())
+    twin = build.random_twin(recipe, pretrained=net).to(next(net.parameters()).device)
     dev = build.device(recipe.run)
     dtype = build.autocast_dtype(recipe.run, dev)
     out = run_dir_of(found) / "analysis"
@@ -351,15 +349,10 @@ def _finetuned_copy(net: Any, entry: dict[str, Any], sets: list[str], train: Any
                     console: Console) -> dict[str, Any]:
     """Fine-tune a copy of ``net`` on ``train`` with the finetune protocol (``KEY=VALUE`` settings);
     returns its settings, schedule, test top-1 and the fine-tuned ``backbone``."""
-    from bigmodel.recipe import parse_override
     from bigmodel.registry import PROTOCOLS
 
-    settings = {}
-    for kv in sets:
-        path, value = parse_override(kv)
-        settings[".".join(path)] = value
     try:
-        spec = suites.specs([{"task": entry, "protocol": "finetune", **settings}])[0]
+        spec = suites.specs([{"task": entry, "protocol": "finetune"}], sets)[0]
     except RecipeError as e:
         raise RecipeError(f"--finetune: {str(e).removeprefix('transfer.0.')}") from None
     protocol = PROTOCOLS.build("finetune", **spec.protocol.kwargs)

@@ -59,25 +59,11 @@ def load_objective(run_dir: Path) -> tuple[Any, Path, Any]:
     return model.to(build.device(recipe.run)).eval(), found, recipe
 
 
-def random_twin(recipe: Any, model: Any) -> torch.nn.Module:
-    """The random-init twin of ``model.backbone`` without the pretraining data: the seeded
-    initialisation, with the data-fitted state that pretraining never changes (a colour palette)
-    copied from the checkpoint."""
-    from bigmodel.train import build
-
-    twin = build.random_twin(recipe)
-    fitted = {k: v for k, v in model.backbone.state_dict().items() if k.startswith("palette.")}
-    twin.load_state_dict(fitted, strict=False)
-    return twin.to(next(model.parameters()).device).eval()
-
-
 def _subset(data: Any, n: int, seed: int = 0) -> Any:
-    from bigmodel.data.base import TensorImages
-
+    """A seeded subset of at most ``n`` images, in the data's order."""
     if len(data) <= n:
         return data
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return TensorImages(data.images[idx], data.targets[idx], data.classes, num_classes=data.num_classes)
+    return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values)
 
 
 def task_data(recipe: Any) -> tuple[str, Any, Any] | None:
@@ -118,6 +104,7 @@ def make_all(run_dir: Path, console: Console | None = None) -> list[Path]:
     returns their paths. Figures that need the transfer task's data are skipped, with a note,
     when it cannot be loaded here (the others still come)."""
     from bigmodel.analysis import confusion, curves, embedding
+    from bigmodel.train import build
     from bigmodel.train.logging import read_metrics
 
     console = console or Console(quiet=True)
@@ -140,7 +127,7 @@ def make_all(run_dir: Path, console: Console | None = None) -> list[Path]:
         with torch.no_grad():
             written.append(confusion.make(model.backbone, train, test, out, task=name, classes=test.classes)[0])
             few = _subset(test, TSNE_IMAGES)
-            twin = random_twin(recipe, model)
+            twin = build.random_twin(recipe, pretrained=model.backbone).to(next(model.parameters()).device).eval()
             written.append(embedding.make({"pretrained": model.backbone, "random init": twin}, few, out, task=name)[0])
         written += model_figures(model, test.images[:SAMPLES], test.targets[:SAMPLES], out, console)
     return written

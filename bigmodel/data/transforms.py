@@ -33,18 +33,22 @@ def to_input(images: torch.Tensor, image_size: int, in_chans: int) -> torch.Tens
     return (x - MEAN) / STD
 
 
+def random_crop(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random ``size²`` crops of a float batch ``(B, C, H, W)`` (torchvision's
+    ``RandomCrop``, vectorised: one offset pair per image, drawn rows first)."""
+    b, c, h, w = x.shape
+    dy = torch.randint(0, h - size + 1, (b,), generator=generator)
+    dx = torch.randint(0, w - size + 1, (b,), generator=generator)
+    ar = torch.arange(size)
+    x = x.gather(2, (dy[:, None] + ar)[:, None, :, None].expand(b, c, size, w))
+    return x.gather(3, (dx[:, None] + ar)[:, None, None, :].expand(b, c, size, size))
+
+
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
     """Per-sample random translation (pad-and-crop, reflect padding) and horizontal flip of a float batch."""
-    b, _, h, w = x.shape
     if pad > 0:
-        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-        rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(b, x.shape[1], h, w + 2 * pad)
-        x = padded.gather(2, rows)
-        cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(b, x.shape[1], h, w)
-        x = x.gather(3, cols)
+        x = random_crop(F.pad(x, (pad, pad, pad, pad), mode="reflect"), x.shape[-1], generator)
     if flip:
-        mask = torch.rand(b, generator=generator) < 0.5
+        mask = torch.rand(len(x), generator=generator) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
     return x

@@ -142,14 +142,19 @@ def check_memory(recipe: Recipe, data: ImageDataset, model: Objective) -> None:
                          f"activations), more than the {free / 2**30:.1f} GiB free on {dev.type}; lower optim.batch_size")
 
 
-def random_twin(recipe: Recipe, data: ImageDataset | None = None) -> Backbone:
+def random_twin(recipe: Recipe, data: ImageDataset | None = None, pretrained: Backbone | None = None) -> Backbone:
     """The backbone exactly as pretraining started it: same recipe, same seed, no training.
 
-    With ``data`` (the pretraining set), the objective's ``setup`` runs on it too, so that
-    data-dependent state fitted before training (e.g. ImageGPT's colour palette) is the same.
+    Data-dependent state fitted before training (ImageGPT's and the causal LSTM's colour palette)
+    must be the same too: with ``data`` (the pretraining set) the objective's ``setup`` fits it
+    again; with ``pretrained`` (the trained backbone, when the data is absent) it is copied from
+    there, since training never changes it.
     """
     torch.manual_seed(recipe.run.seed)
     net = backbone(recipe.architecture)
     if data is not None:
         objective(recipe, net, data).setup(data)
+    elif pretrained is not None:
+        fitted = {k: v for k, v in pretrained.state_dict().items() if k.startswith("palette.")}
+        net.load_state_dict(fitted, strict=False)
     return net

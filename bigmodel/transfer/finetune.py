@@ -89,7 +89,7 @@ from torch import nn
 from bigmodel.architectures.base import Backbone
 from bigmodel.data.base import TensorImages
 from bigmodel.data.loader import batches
-from bigmodel.data.transforms import random_crop_flip, to_input
+from bigmodel.data.transforms import random_crop, random_crop_flip, to_input
 from bigmodel.objectives.base import Objective
 from bigmodel.registry import PROTOCOLS
 from bigmodel.train.logging import read_metrics
@@ -163,16 +163,6 @@ def hyperrule(num_train_examples: int, batch_size: int = BASE_BATCH, image_size:
         mixup_alpha=MIXUP_ALPHA if num_train_examples >= MIXUP_FROM else 0.0, momentum=0.9, weight_decay=0.0,
         resize=round(image_size * (RESIZE_SMALL if small else RESIZE_LARGE)), crop=image_size, test_size=image_size,
     )
-
-
-def random_crop(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample random ``size²`` crops of a float batch ``(B, C, H, W)`` (BiT's ``RandomCrop``)."""
-    b, c, h, w = x.shape
-    dy = torch.randint(0, h - size + 1, (b,), generator=generator)
-    dx = torch.randint(0, w - size + 1, (b,), generator=generator)
-    ar = torch.arange(size)
-    x = x.gather(2, (dy[:, None] + ar)[:, None, :, None].expand(b, c, size, w))
-    return x.gather(3, (dx[:, None] + ar)[:, None, None, :].expand(b, c, size, size))
 
 
 class Classifier(Objective):

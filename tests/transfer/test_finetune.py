@@ -13,10 +13,10 @@ from rich.console import Console
 
 from bigmodel.architectures.resnet import ResNet
 from bigmodel.data.digits import digits
-from bigmodel.data.transforms import to_input
+from bigmodel.data.transforms import random_crop, to_input
 from bigmodel.registry import PROTOCOLS
 from bigmodel.train import checkpoint, trainer
-from bigmodel.transfer.finetune import Classifier, Finetune, hyperrule, random_crop
+from bigmodel.transfer.finetune import Classifier, Finetune, hyperrule
 
 
 @pytest.mark.parametrize(("n", "regime", "steps", "warmup", "decays", "mixup"), [
