@@ -184,15 +184,14 @@ def ensemble(ckpts: list[str | Path], task: str | dict[str, Any], sets: list[str
     """Fine-tune each checkpoint's backbone on ``task`` (a dataset name, an ``.npz`` path or a task
     section) and score the mean-probability ensemble against each member; ``sets`` adjust the
     task (``task.KEY=VALUE``) and the finetune protocol (``KEY=VALUE``). Writes JSON to ``out``."""
-    from bigmodel.data.base import materialize
-    from bigmodel.registry import DATASETS, PROTOCOLS
+    from bigmodel.registry import PROTOCOLS
     from bigmodel.transfer import ensemble as ens
 
     console = console or Console()
     task = suites.task_entry(task) if isinstance(task, str) else task
     spec = suites.specs([{"task": task, "protocol": "finetune"}], sets)[0]
     protocol = PROTOCOLS.build("finetune", **spec.protocol.kwargs)
-    train, test = (materialize(DATASETS.build(spec.task.name, split=s, **spec.task.kwargs)) for s in ("train", "test"))
+    train, test = suites.task_splits(spec.task)
     try:
         protocol.check(train.targets)
     except ValueError as e:
@@ -267,8 +266,6 @@ def analyze(run_dir: str | Path, task: str, limit: int | None = None, against: s
     import torch
 
     from bigmodel.analysis import cka, layerwise
-    from bigmodel.data.base import materialize
-    from bigmodel.registry import DATASETS
     from bigmodel.transfer.linear import Linear
 
     console = console or Console()
@@ -293,7 +290,7 @@ def analyze(run_dir: str | Path, task: str, limit: int | None = None, against: s
         raise RecipeError(f"--task {task}: {str(e).removeprefix('transfer.0.')}") from None
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", suites.entry_name({"task": entry}))
     try:
-        train, test = (materialize(DATASETS.build(spec.task.name, split=s, **spec.task.kwargs)) for s in ("train", "test"))
+        train, test = suites.task_splits(spec.task)
     except (ValueError, FileNotFoundError) as e:
         raise RecipeError(f"--task {task}: {str(e).splitlines()[0]}") from e
     if limit is not None:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from bigmodel.recipe import RecipeError
+from bigmodel.transfer.suites import task_name
 
 MIN_FIT_POINTS = 4
 PRETRAINED, TWIN = "pretrained", "random_init"
@@ -74,7 +75,7 @@ def _transfer_rows(run_dir: Path, report: dict[str, Any]) -> list[dict[str, Any]
 
 
 def _data_label(data: dict[str, Any]) -> str:
-    return Path(str(data["path"])).stem if data.get("path") else str(data.get("name", "?"))
+    return task_name(data.get("name", "?"), data)
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:

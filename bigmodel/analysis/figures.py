@@ -69,14 +69,13 @@ def _subset(data: Any, n: int, seed: int = 0) -> Any:
 def task_data(recipe: Any) -> tuple[str, Any, Any] | None:
     """``(name, train, test)`` of the recipe's first transfer task (seeded subsets of at most
     :data:`PROBE_TRAIN` / :data:`PROBE_TEST` images), or ``None`` without a transfer section."""
-    from bigmodel.data.base import materialize
-    from bigmodel.train import build
+    from bigmodel.transfer.suites import task_name, task_splits
 
     if not recipe.transfer:
         return None
     spec = recipe.transfer[0].task
-    name = Path(str(spec.kwargs["path"])).stem if "path" in spec.kwargs else spec.name
-    train, test = (materialize(build.dataset(spec, s)) for s in ("train", "test"))
+    name = task_name(spec.name, spec.kwargs)
+    train, test = task_splits(spec)
     return name, _subset(train, PROBE_TRAIN), _subset(test, PROBE_TEST)
 
 

@@ -23,10 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bigmodel.architectures.base import Backbone
-from bigmodel.data.base import materialize
 from bigmodel.recipe import TransferSpec
-from bigmodel.registry import DATASETS, PROTOCOLS
-from bigmodel.transfer import base
+from bigmodel.registry import PROTOCOLS
+from bigmodel.transfer import base, suites
 
 PIXELS = "pixels"
 
@@ -65,8 +64,7 @@ def run_suite(specs: list[TransferSpec], subjects: dict[str, Backbone | None], b
             break
         task_key = repr((spec.task.name, sorted(spec.task.kwargs.items())))
         if task_key not in splits:
-            splits[task_key] = tuple(materialize(DATASETS.build(spec.task.name, split=s, **spec.task.kwargs))
-                                     for s in ("train", "test"))
+            splits[task_key] = suites.task_splits(spec.task)
         train, test = splits[task_key]
         protocol = PROTOCOLS.build(spec.protocol.name, **spec.protocol.kwargs)
         row = {"task": spec.task.name, "task_settings": spec.task.kwargs, "protocol": spec.protocol.name,
@@ -195,8 +193,7 @@ def cell(result: dict[str, Any]) -> str:
 
 
 def task_label(row: dict[str, Any]) -> str:
-    path = row["task_settings"].get("path")
-    return Path(str(path)).stem if path else row["task"]
+    return suites.task_name(row["task"], row["task_settings"])
 
 
 def protocol_label(row: dict[str, Any]) -> str:

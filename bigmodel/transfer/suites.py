@@ -78,8 +78,20 @@ def task_entry(task: str) -> dict[str, Any]:
 def entry_name(entry: dict[str, Any]) -> str:
     """A short name for an entry's task: the dataset name, or the stem of its file."""
     task = entry["task"]
-    task = {"name": task} if isinstance(task, str) else task
-    return Path(str(task["path"])).stem if "path" in task else str(task["name"])
+    return task_name(task) if isinstance(task, str) else task_name(task.get("name"), task)
+
+
+def task_name(name: Any, kwargs: dict[str, Any] | None = None) -> str:
+    """A task's short name: the stem of its file (``path``), else the dataset name."""
+    kwargs = kwargs or {}
+    return Path(str(kwargs["path"])).stem if kwargs.get("path") else str(name)
+
+
+def task_splits(task: Any) -> tuple[Any, Any]:
+    """The materialised ``(train, test)`` splits of a validated task component."""
+    from bigmodel.data.base import materialize
+
+    return tuple(materialize(DATASETS.build(task.name, split=s, **task.kwargs)) for s in ("train", "test"))
 
 
 def apply_sets(entries: list[dict[str, Any]], sets: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:
@@ -135,8 +147,8 @@ def check(specs: list[TransferSpec]) -> None:
         try:
             PROTOCOLS.build(spec.protocol.name, **spec.protocol.kwargs).check(labels[key])
         except ValueError as e:
-            task = Path(str(spec.task.kwargs["path"])).stem if "path" in spec.task.kwargs else spec.task.name
-            raise RecipeError(f"transfer.{i} ({task} · {spec.protocol.name}): {e}") from None
+            raise RecipeError(f"transfer.{i} ({task_name(spec.task.name, spec.task.kwargs)} · "
+                              f"{spec.protocol.name}): {e}") from None
 
 
 def settings_id(specs: list[TransferSpec]) -> str:
