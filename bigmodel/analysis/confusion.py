@@ -11,22 +11,23 @@ import torch
 
 
 def matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts ``(K, K)``: row = true class, column = predicted class."""
-    m = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(m, (np.asarray(true), np.asarray(pred)), 1)
-    return m
+    """Counts ``(K, K)``: row = true class, column = predicted class (scikit-learn's)."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(true, pred, labels=np.arange(num_classes))
 
 
 def probe(backbone: torch.nn.Module, train: Any, test: Any, batch: int = 256,
           dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Fit the linear probe (:func:`bigmodel.transfer.linear.fit_probe`, default settings) on
+    """Fit the linear probe (the ``linear`` protocol with its default settings) on
     ``train``'s frozen features; returns ``(true, predicted)`` labels of ``test``, each ``(N,)``."""
     from bigmodel.transfer.base import features
-    from bigmodel.transfer.linear import fit_probe
+    from bigmodel.transfer.linear import Linear, fit_probe
 
     xtr = features(backbone, train, batch, dtype).numpy()
     xte = features(backbone, test, batch, dtype).numpy()
-    scaler, clf, _ = fit_probe(xtr, train.targets.numpy(), C=1.0, max_iter=1000, tol=1e-4, solver="newton-cg")
+    lin = Linear()
+    scaler, clf, _ = fit_probe(xtr, train.targets.numpy(), lin.C, lin.max_iter, lin.tol, lin.solver)
     return test.targets.numpy(), clf.predict(scaler.transform(xte))
 
 
