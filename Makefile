@@ -10,7 +10,7 @@ ARGS   ?=
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,onnx,tensorboard]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -61,6 +61,10 @@ class RunConfig(BaseModel):
     num_workers: Annotated[int, Field(ge=0)] = 0
     tiny: bool = False
     eval_batch_size: Annotated[int, Field(ge=1)] = 256
+    tensorboard: bool = False  # TensorBoard event files in RUN/tensorboard (extra: bigmodel[tensorboard])
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard) for big models
+    compile: bool = False  # torch.compile the backbone
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
 
 
 class Component(BaseModel):

@@ -13,6 +13,7 @@ from bigmodel.data.loader import batches, rank_world  # noqa: F401  (batches: re
 from bigmodel.objectives.base import Objective
 from bigmodel.recipe import Component, OptimConfig, Recipe, RunConfig
 from bigmodel.registry import ARCHITECTURES, DATASETS, OBJECTIVES
+from bigmodel.train import precision
 
 
 def dataset(spec: Component, split: str) -> ImageDataset:
@@ -60,16 +61,8 @@ def device(run: RunConfig) -> torch.device:
 
 
 def autocast_dtype(run: RunConfig, dev: torch.device) -> torch.dtype | None:
-    """bf16 autocast when asked, or under ``auto`` where the hardware has fast bf16 matmuls
-    (CUDA with bf16 support, or a CPU with AMX); ``None`` means plain fp32."""
-    if run.precision == "bf16":
-        return torch.bfloat16
-    if run.precision == "auto":
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if dev.type == "cpu" and "AMX" in torch.backends.cpu.get_cpu_capability().upper():
-            return torch.bfloat16
-    return None
+    """The autocast dtype of ``run.precision`` on ``dev`` (see :mod:`bigmodel.train.precision`)."""
+    return precision.autocast_dtype(run.precision, dev)
 
 
 def experiment(recipe: Recipe) -> tuple[ImageDataset, Objective]:

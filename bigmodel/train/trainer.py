@@ -164,7 +164,8 @@ def pretrain(recipe: Recipe, run_dir: Path, data: ImageDataset, model: Objective
     dtype = build.autocast_dtype(run, dev)
     loop = Loop(steps=cfg.steps, seed=run.seed, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, dtype=dtype,
                 run_dir=run_dir, checkpoint_every=run.checkpoint_every, keep_checkpoints=run.keep_checkpoints,
-                log_every=run.log_every, meta={"recipe": recipe.raw, "num_classes": data.num_classes})  # the objective rebuilds without data
+                log_every=run.log_every, meta={"recipe": recipe.raw, "num_classes": data.num_classes,
+                      "classes": list(getattr(data, "classes", None) or [])})  # the objective rebuilds without data
     out = fit(model, opt, lambda step: lr_at(step, cfg),
               lambda start: build.batches(data, cfg.batch_size, run.seed, start, cfg.steps, run.num_workers),
               loop, console)

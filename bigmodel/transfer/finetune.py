@@ -363,7 +363,6 @@ class Finetune(Protocol):
 
 
 def _autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
-    from bigmodel.recipe import RunConfig
-    from bigmodel.train.build import autocast_dtype
+    from bigmodel.train.precision import autocast_dtype
 
-    return autocast_dtype(RunConfig(precision=precision), dev)
+    return autocast_dtype(precision, dev)
