@@ -14,17 +14,45 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 class MetricsLog:
     """Append-only JSON lines. On resume, lines past the checkpoint's step are dropped so that the
-    file reads as if the run had never stopped."""
+    file reads as if the run had never stopped.
 
-    def __init__(self, path: Path, resume_step: int = 0):
+    With ``tensorboard`` (a folder), every record's numbers also go to TensorBoard event files
+    there, one scalar per key under ``train/``; on resume the events past the checkpoint's step
+    are purged (``SummaryWriter(purge_step=...)``) for the same reason."""
+
+    def __init__(self, path: Path, resume_step: int = 0, tensorboard: Path | None = None):
         self.path = path
         if path.exists():
             keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in keep))
+        self.tb = None
+        if tensorboard is not None:
+            self.tb = tensorboard_writer()(str(tensorboard), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def tensorboard_writer() -> Any:
+    """``torch.utils.tensorboard.SummaryWriter``, or a one-line error saying how to install it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch imports the tensorboard package lazily, here
+        from bigmodel.recipe import RecipeError
+
+        raise RecipeError("run.tensorboard=true needs the tensorboard package: pip install 'bigmodel[tensorboard]' "
+                          "(or set run.tensorboard=false)") from e
+    return SummaryWriter
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -77,6 +77,7 @@ class Loop:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 20
+    tensorboard: bool = False  # with run_dir: TensorBoard event files in run_dir/tensorboard too
     stop_on_signal: bool = True  # with run_dir: SIGTERM/SIGINT finish the step, checkpoint and stop
     label: str = "pretrain"  # the progress line's label
     lr_key: str = "optim.lr"  # named in the non-finite-loss message
@@ -111,7 +112,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
     start = resume(model, opt, loop.run_dir, console)
     if loop.run_dir is not None:
         loop.run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(loop.run_dir / "metrics.jsonl", start) if loop.run_dir is not None else None
+    tb = loop.run_dir / "tensorboard" if loop.run_dir is not None and loop.tensorboard else None
+    log = MetricsLog(loop.run_dir / "metrics.jsonl", start, tb) if loop.run_dir is not None else None
     history: list[dict[str, Any]] = []
     images_seen, t_last, done = 0, time.perf_counter(), start
     graceful = ckpt_dir is not None and loop.stop_on_signal
@@ -145,6 +147,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
                 checkpoint.save(ckpt_dir, done, model, state, loop.meta, keep=loop.keep_checkpoints)
             if stop.requested:
                 break
+    if log is not None:
+        log.close()
     return {"steps_done": done, "stopped": stop.requested, "history": history}
 
 
@@ -164,7 +168,7 @@ def pretrain(recipe: Recipe, run_dir: Path, data: ImageDataset, model: Objective
     dtype = build.autocast_dtype(run, dev)
     loop = Loop(steps=cfg.steps, seed=run.seed, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, dtype=dtype,
                 run_dir=run_dir, checkpoint_every=run.checkpoint_every, keep_checkpoints=run.keep_checkpoints,
-                log_every=run.log_every, meta={"recipe": recipe.raw, "num_classes": data.num_classes,
+                log_every=run.log_every, tensorboard=run.tensorboard, meta={"recipe": recipe.raw, "num_classes": data.num_classes,
                       "classes": list(getattr(data, "classes", None) or [])})  # the objective rebuilds without data
     out = fit(model, opt, lambda step: lr_at(step, cfg),
               lambda start: build.batches(data, cfg.batch_size, run.seed, start, cfg.steps, run.num_workers),
