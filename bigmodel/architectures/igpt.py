@@ -15,11 +15,11 @@ the final layer.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 
@@ -34,12 +34,46 @@ SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
+class Size(BaseModel):
+    """A size given by its numbers (``architecture.size: {width: 512, depth: 24, heads: 8}`` is iGPT-S)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: Annotated[int, Field(ge=1)]
+    depth: Annotated[int, Field(ge=1)]
+    heads: Annotated[int, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> Size:
+        if self.width % self.heads:
+            raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
+        return self
+
+
+def _size(value: object) -> str | dict[str, int]:
+    """A named size, or the numbers of a :class:`Size` as a mapping; one error line for either form."""
+    if isinstance(value, str) and value in SIZES:
+        return value
+    if isinstance(value, dict | Size):
+        try:
+            return Size.model_validate(value, from_attributes=True).model_dump()
+        except ValidationError as e:
+            err = e.errors()[0]
+            msg = err["msg"].removeprefix("Value error, ")
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{where}: {msg[0].lower() + msg[1:]}" if where else msg) from None
+    raise ValueError(f"expected one of {', '.join(map(repr, SIZES))} or {{width, depth, heads}}")
+
+
+SizeSpec = Annotated[str | dict[str, int], PlainValidator(_size)]
+
+
 @ARCHITECTURES.register("igpt")
 class IGPT(SequenceModel):
     """ImageGPT backbone.
 
     Args:
-        size: one of ``SIZES`` (width, depth, heads).
+        size: one of ``SIZES``, or ``{width, depth, heads}`` (a :class:`Size`).
         image_size: input side in pixels; the sequence has ``image_size²`` tokens.
         in_chans: input channels (1 for grey, 3 for RGB).
         colours: palette size (the vocabulary).
@@ -50,14 +84,18 @@ class IGPT(SequenceModel):
 
     def __init__(
         self,
-        size: Literal["tiny", "small"] = "tiny",
+        size: SizeSpec = "tiny",
         image_size: Annotated[int, Field(ge=2)] = 16,
         in_chans: Annotated[int, Field(ge=1)] = 1,
         colours: Annotated[int, Field(ge=2)] = 16,
         feature_layer: Annotated[int, Field(ge=1)] | None = None,
     ):
         super().__init__()
-        width, depth, heads = SIZES[size]
+        if isinstance(size, str):
+            width, depth, heads = SIZES[size]
+        else:
+            size = Size.model_validate(size, from_attributes=True)
+            width, depth, heads = size.width, size.depth, size.heads
         feature_layer = depth // 2 if feature_layer is None else feature_layer
         if feature_layer > depth:
             raise ValueError(f"architecture.feature_layer={feature_layer} exceeds the depth ({depth})")

@@ -58,3 +58,27 @@ def test_palette_is_fitted_saved_and_restored(tmp_path) -> None:
     checkpoint.load_weights(ckpt, fresh, prefix="backbone.")
     torch.testing.assert_close(fresh.palette.colours, fitted)
     assert fresh.palette.fitted
+
+
+def test_size_given_by_its_numbers() -> None:
+    """``size`` is a name or ``{width, depth, heads}``; the recipe validator refuses a bad one in one line."""
+    import re
+
+    import pytest
+
+    from bigmodel.recipe import RecipeError, resolve
+    from bigmodel.train import build
+
+    recipe = resolve("igpt", ["run.tiny=true", "architecture.size={width: 48, depth: 3, heads: 6}"])
+    net = build.backbone(recipe.architecture)
+    assert (net.feature_dim, len(net.blocks), net.blocks[0].attn.num_heads) == (48, 3, 6)
+    assert net.feature_layer == 1  # depth // 2
+    assert IGPT(size="small").feature_dim == 128
+    bad = {"huge": "expected one of 'tiny', 'small' or {width, depth, heads}",
+           "{width: 50, depth: 3, heads: 6}": "width=50 is not divisible by heads=6",
+           "{width: 48, depth: 3}": "heads: field required",
+           "{width: 48, depth: 0, heads: 6}": "depth: input should be greater than or equal to 1",
+           "{width: 48, depth: 3, heads: 6, layers: 2}": "layers: extra inputs are not permitted"}
+    for value, message in bad.items():
+        with pytest.raises(RecipeError, match="^architecture.size = .*: " + re.escape(message)):
+            resolve("igpt", [f"architecture.size={value}"])
