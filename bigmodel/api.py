@@ -1,5 +1,11 @@
 """The Python API; the CLI is a thin layer over it.
 
+Scripts use the functions ``import bigmodel`` exposes, defined in the first section here:
+``bigmodel.run`` (:func:`run_recipe`) → :class:`Result`, ``bigmodel.load`` (:func:`load`) →
+:class:`Pretrained`, ``bigmodel.transfer`` (:func:`transfer_task`) → one transfer row, and
+``bigmodel.resolve_recipe``. The CLI commands call the functions of the second section, which
+take a validated :class:`Recipe` and a console and return plain dicts.
+
 ``run`` is the main job: pretrain → transfer suite (pretrained vs random-init twin vs pixels) →
 report. Everything that can fail on bad input (validation, building the data and the model)
 happens before the run directory is touched.
@@ -9,15 +15,30 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from rich.console import Console
 
 from bigmodel.analysis import flops
 from bigmodel.analysis import report as run_report  # `report` is the function below
-from bigmodel.recipe import Recipe, RecipeError, validate
+from bigmodel.architectures.base import Backbone
+from bigmodel.data.transforms import to_input
+from bigmodel.objectives.base import Objective
+from bigmodel.recipe import (
+    Recipe,
+    RecipeError,
+    RunConfig,
+    dotted_overrides,
+    load_raw,
+    parse_override,
+    resolve_raw,
+    validate,
+)
 from bigmodel.train import build, checkpoint
 from bigmodel.train.logging import GracefulStop
 from bigmodel.train.run_dir import open_run
@@ -29,9 +50,198 @@ from bigmodel.transfer.suite import (
     read_partial,
     run_suite,
     table,
+    task_label,
     write_partial,
     write_report,
 )
+
+# ---------------------------------------------------------------------------------------------
+# Scripting: what ``import bigmodel`` exposes (bigmodel.run, .load, .transfer, .resolve_recipe).
+# The same work as the CLI commands, with typed arguments, quiet when asked, returning objects.
+
+Overrides = Mapping[str, Any] | Sequence[str] | None
+
+
+def resolve_recipe(recipe: str | Path | dict[str, Any] | Recipe | None = "quickstart", overrides: Overrides = None,
+                   *, note: Callable[[str], None] | None = None) -> Recipe:
+    """A validated recipe from a zoo name, a YAML path, a recipe dict (the YAML's contents) or a
+    :class:`Recipe`, with ``overrides`` applied exactly as the CLI applies ``section.key=value``
+    (same precedence over ``tiny``, same component switches, same errors).
+
+    Args:
+        overrides: dotted keys to values, ``{"optim.steps": 10, "run.tiny": True}`` (values as
+            YAML would parse the CLI's ``optim.steps=10``), or the CLI's ``["optim.steps=10"]``.
+            On a :class:`Recipe` they apply to its resolved values (its ``tiny`` keys are not
+            applied a second time).
+        note: receives notes such as dropped tiny keys (default: printed to stderr, as the CLI).
+
+    Raises:
+        RecipeError: the message the CLI prints after ``recipe error:``.
+    """
+    if overrides is None:
+        parsed = []
+    elif isinstance(overrides, Mapping):
+        parsed = dotted_overrides(overrides)
+    elif isinstance(overrides, str):
+        raise TypeError(f"overrides: a dict or a list of 'section.key=value' strings, not the string {overrides!r}")
+    else:
+        parsed = [parse_override(o) for o in overrides]
+    if isinstance(recipe, Recipe):
+        return resolve_raw(recipe.raw, parsed, note, apply_tiny=False) if parsed else recipe
+    if isinstance(recipe, dict):
+        return resolve_raw(recipe, parsed, note)
+    if recipe is None or isinstance(recipe, str | Path):
+        return resolve_raw(load_raw(recipe), parsed, note)
+    raise TypeError(f"recipe: a zoo name, a YAML path, a dict or a Recipe, not {type(recipe).__name__}")
+
+
+@dataclass(frozen=True)
+class Result:
+    """What :func:`run_recipe` (``bigmodel.run``) returns.
+
+    Attributes:
+        run_dir: the run directory (``run.out``).
+        report: ``report.json`` as written (recipe, pretrain summary, model size and FLOPs, the
+            transfer rows, loss curves, figures); for a stopped run, what was done so far, as JSON.
+    """
+
+    run_dir: Path
+    report: dict[str, Any]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The transfer rows: ``task``, ``protocol``, their settings and ``results`` per subject
+        (``pretrained``, ``random_init``, ``pixels``), each with ``top1``."""
+        return self.report.get("transfer", [])
+
+    @property
+    def stopped(self) -> str | None:
+        """``"pretrain"`` or ``"transfer"`` when SIGTERM/SIGINT stopped the run there (running the
+        same recipe again resumes it), else ``None``."""
+        if self.report["pretrain"]["stopped"]:
+            return "pretrain"
+        return "transfer" if "stopped" in self.report else None
+
+    def top1(self, task: str, protocol: str, subject: str = "pretrained") -> float:
+        """Top-1 % of ``subject`` in the one row of ``task`` (its name or file stem) · ``protocol``."""
+        found = [r for r in self.rows if task_label(r) == task and r["protocol"] == protocol]
+        if len(found) != 1:
+            have = ", ".join(f"{task_label(r)} · {r['protocol']}" for r in self.rows) or "none"
+            raise KeyError(f"{len(found)} rows for {task} · {protocol} (rows: {have})")
+        return found[0]["results"][subject]["top1"]
+
+
+def run_recipe(recipe: str | Path | dict[str, Any] | Recipe | None = "quickstart", overrides: Overrides = None,
+               *, transfer: bool = True, quiet: bool = False, console: Console | None = None) -> Result:
+    """``bigmodel.run``: pretrain, transfer and report, as ``bigmodel run`` (``transfer=False``: as
+    ``bigmodel pretrain``). ``recipe`` and ``overrides`` as :func:`resolve_recipe`; ``quiet``
+    silences the progress and tables (``console``, for the CLI, replaces it).
+
+    A run stopped by SIGTERM/SIGINT returns with :attr:`Result.stopped` set; calling again resumes.
+
+    Raises:
+        RecipeError: a recipe, data or run-directory problem, before anything is written.
+        NonFiniteLoss: training diverged; the last good checkpoint is kept.
+    """
+    resolved = resolve_recipe(recipe, overrides)
+    summary = run(resolved, console or Console(quiet=quiet), transfer=transfer)
+    run_dir = Path(resolved.run.out)
+    finished = not summary["pretrain"]["stopped"] and "stopped" not in summary
+    if finished and (run_dir / "report.json").is_file():  # written by this run
+        return Result(run_dir, json.loads((run_dir / "report.json").read_text()))
+    return Result(run_dir, json.loads(json.dumps(summary, default=str)))  # typed as report.json would be
+
+
+@dataclass
+class Pretrained:
+    """A checkpoint loaded by :func:`load` (``bigmodel.load``), on the run's device.
+
+    Attributes:
+        backbone: the pretrained backbone, weights loaded, in eval mode: ``backbone(x)`` gives
+            pooled features ``(B, feature_dim)`` of a preprocessed batch ``x``.
+        objective: the objective it was trained with (``objective.backbone is backbone``), heads
+            included (the classifier of a supervised run).
+        recipe: the resolved recipe of the run.
+        classes: the pretraining data's class names (empty when it has none, e.g. unlabelled).
+        checkpoint: the checkpoint folder (``RUN/checkpoints/step_*``); ``step`` its step.
+    """
+
+    backbone: Backbone
+    objective: Objective
+    recipe: Recipe
+    classes: list[str]
+    checkpoint: Path
+    step: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images ``(B, C, H, W)`` or one ``(C, H, W)`` → the float batch the backbone takes,
+        ``(B, in_chans, image_size, image_size)`` on its device (the transfer protocols' own
+        :func:`~bigmodel.data.transforms.to_input`: resized, channels matched, normalised)."""
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() not in (3, 4):
+            raise TypeError("preprocess takes a uint8 tensor (B, C, H, W) or (C, H, W)")
+        batch = images if images.dim() == 4 else images[None]
+        return to_input(batch, self.backbone.image_size, self.backbone.in_chans).to(self.device)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, feature_dim)`` of uint8 images (float32, no autocast, no grad)."""
+        with torch.no_grad():  # not inference_mode: the features may feed a head trained afterwards
+            return self.backbone(self.preprocess(images))
+
+
+def load(path: str | Path) -> Pretrained:
+    """``bigmodel.load``: the latest intact checkpoint of a run directory, or one checkpoint
+    folder, rebuilt from its ``meta.json`` alone (no pretraining data needed).
+
+    Raises:
+        CheckpointError: no intact checkpoint there, or weights that do not fit.
+    """
+    from bigmodel.analysis.figures import load_objective
+
+    model, found, recipe = load_objective(Path(path))
+    meta = checkpoint.load_meta(found)
+    return Pretrained(backbone=model.backbone, objective=model, recipe=recipe, classes=list(meta.get("classes") or []),
+                      checkpoint=found, step=meta["step"])
+
+
+def transfer_task(subject: str | Path | Pretrained | Backbone, task: str | dict[str, Any], protocol: str, *,
+                  quiet: bool = False, console: Console | None = None, **settings: Any) -> dict[str, Any]:
+    """``bigmodel.transfer``: score one task with one protocol and return its row (``results``
+    ``{"pretrained": {"top1": ..., ...}}``, the settings, ``n_train``/``n_test``).
+
+    Args:
+        subject: a run directory or checkpoint folder (scored as ``bigmodel transfer --task
+            --protocol`` scores it, its precision and batch size, the row also saved under
+            ``RUN/transfer/``), a :class:`Pretrained` (its recipe's precision and batch size,
+            nothing written), or any backbone module (float32, nothing written).
+        task: a dataset name, an ``.npz`` path, or a task section ``{"name": "npz", "path": ...}``.
+        protocol: ``linear``, ``knn``, ``fewshot`` or ``finetune``; ``settings`` are its keys
+            (``k=20``, ``shots=[1, 5]``), validated like a recipe's transfer entry.
+
+    Raises:
+        RecipeError: an unknown task, protocol or setting, or one the task cannot serve.
+        FileNotFoundError: no checkpoint at a ``subject`` path.
+    """
+    entry = {"task": suites.task_entry(task) if isinstance(task, str) else dict(task), "protocol": protocol,
+             **settings}
+    console = console or Console(quiet=quiet)
+    if isinstance(subject, str | Path):
+        return transfer(subject, [entry], console)[0]
+    specs = suites.specs([entry])
+    suites.check(specs)
+    net = subject.backbone if isinstance(subject, Pretrained) else subject
+    dev = next(net.parameters()).device
+    run_cfg = subject.recipe.run if isinstance(subject, Pretrained) else None
+    dtype = build.autocast_dtype(run_cfg, dev) if run_cfg else None
+    batch_size = run_cfg.eval_batch_size if run_cfg else RunConfig().eval_batch_size
+    return run_suite(specs, {"pretrained": net}, batch_size, dtype, console)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the CLI commands call (a console for progress and tables; results as dicts)
 
 
 def load_recipe(run_dir: Path) -> Recipe:

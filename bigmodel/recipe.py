@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -170,7 +170,30 @@ def resolve(source: str | Path | None = None, overrides: list[str] = (),
     ``note: ...``; an invalid recipe prints only its error).
     """
     raw = load_raw(source)
-    parsed = [parse_override(o) for o in overrides]
+    return resolve_raw(raw, [parse_override(o) for o in overrides], note)
+
+
+def dotted_overrides(overrides: Mapping[str, Any]) -> list[tuple[list[str], Any]]:
+    """A mapping of dotted keys to values (``{"optim.steps": 10}``), as :func:`parse_override`
+    parses ``optim.steps=10``: ``(["optim", "steps"], 10)`` pairs. Values are taken as they are
+    (copied), where the command line has them parsed as YAML."""
+    pairs = []
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not key or key.startswith("."):
+            raise RecipeError(f"override {key!r}: expected a dotted section.key, e.g. optim.lr")
+        pairs.append((key.split("."), copy.deepcopy(value)))
+    return pairs
+
+
+def resolve_raw(raw: dict[str, Any], parsed: list[tuple[list[str], Any]],
+                note: Callable[[str], None] | None = None, *, apply_tiny: bool = True) -> Recipe:
+    """:func:`resolve` of a recipe dict (not changed) and overrides already parsed into
+    ``(path, value)`` pairs (:func:`parse_override`, :func:`dotted_overrides`).
+
+    ``apply_tiny=False`` leaves the ``tiny`` keys unapplied, for a recipe resolved once already
+    (:attr:`Recipe.raw`): its values hold the tiny keys and the overrides that won over them.
+    """
+    raw = copy.deepcopy(raw)
     overridden = copy.deepcopy(raw)
     for path, value in parsed:
         apply_override(overridden, path, value)
@@ -182,7 +205,7 @@ def resolve(source: str | Path | None = None, overrides: list[str] = (),
     for path, value in parsed:
         apply_override(raw, path, value)
     dropped: dict[tuple[str, ...], list[str]] = {}
-    if (raw.get("run") or {}).get("tiny") is True:
+    if apply_tiny and (raw.get("run") or {}).get("tiny") is True:
         tiny = raw.get("tiny") or {}
         for key, value in list(tiny.items()):
             owner = _owner(str(key).split("."), switched)
