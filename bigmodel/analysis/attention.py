@@ -15,10 +15,24 @@ import torch
 
 
 def _vit(model: torch.nn.Module):
+    """The backbone when it is a ViT whose rollout this module draws: ours, or a timm
+    VisionTransformer behind the ``timm`` architecture with one prefix (class) token and timm's
+    standard attention modules; else None."""
+    from bigmodel.architectures.timm_backbone import TimmBackbone
     from bigmodel.architectures.vit import ViT
 
     net = getattr(model, "backbone", model)
-    return net if isinstance(net, ViT) else None
+    if isinstance(net, ViT):
+        return net
+    if isinstance(net, TimmBackbone) and net.has_tokens and net.model.num_prefix_tokens == 1 and all(
+            hasattr(getattr(b, "attn", None), "qkv") for b in net.model.blocks):
+        return net
+    return None
+
+
+def _blocks(net: torch.nn.Module) -> torch.nn.Module:
+    """The transformer blocks of a backbone :func:`_vit` accepts."""
+    return net.vit.blocks if hasattr(net, "vit") else net.model.blocks
 
 
 @torch.no_grad()
@@ -34,7 +48,7 @@ def attention_maps(net: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
         maps.append(((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(-1))
 
-    hooks = [blk.attn.register_forward_hook(grab) for blk in net.vit.blocks]
+    hooks = [blk.attn.register_forward_hook(grab) for blk in _blocks(net)]
     was_training = net.training
     net.eval()
     try:
