@@ -17,8 +17,6 @@ Scripting (the functions the CLI commands are built on, see :mod:`bigmodel.api`)
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
@@ -41,35 +39,10 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
-    if name == "transfer":  # the subpackage, made callable by _Package.__setattr__ as it is imported
+    if name == "transfer":  # the subpackage of protocols, callable (see bigmodel/transfer/__init__.py)
         return importlib.import_module("bigmodel.transfer")
     raise AttributeError(f"module 'bigmodel' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _CallableTransfer(types.ModuleType):
-    """``bigmodel.transfer`` is the subpackage of transfer protocols, and, called, the scripting
-    function :func:`bigmodel.api.transfer_task`. A plain function of that name would be replaced by
-    the subpackage as soon as anything imports ``bigmodel.transfer.*`` (Python sets the parent's
-    attribute), so the subpackage itself is made callable."""
-
-    def __call__(self, subject: object, task: object, protocol: str, **settings: object) -> dict:
-        from bigmodel.api import transfer_task
-
-        return transfer_task(subject, task, protocol, **settings)
-
-
-class _Package(types.ModuleType):
-    """The ``bigmodel`` package module: when the import system sets its ``transfer`` attribute to
-    the freshly imported subpackage, that subpackage becomes a :class:`_CallableTransfer`."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if name == "transfer" and type(value) is types.ModuleType:
-            value.__class__ = _CallableTransfer
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

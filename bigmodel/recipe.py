@@ -341,10 +341,13 @@ def _check_compatible(arch: Component, obj: Component) -> None:
     need = set(getattr(objective_cls, "requires", ()))
     missing = sorted(need - have)
     if missing:
+        why = getattr(backbone_cls, "why_not", None)  # an architecture that can say why, e.g. timm
+        reasons = [r for r in (why(m, **arch.kwargs) for m in missing) if r] if why else []
         raise RecipeError(
             f"objective {obj.name!r} cannot train architecture {arch.name!r}: it needs "
             f"{', '.join(missing)}, which {arch.name!r} lacks"
             f"{' with these settings' if arch.kwargs else ''}"
+            + (f" ({'; '.join(reasons)})" if reasons else "")
         )
 
 

@@ -13,6 +13,8 @@ TINY = {
     "vit": {"size": "nano", "image_size": 16, "patch_size": 4},
     "resnet": {"depth": 18, "width": 0.25, "image_size": 16},
     "lstm": {"image_size": 16, "patch_size": 4, "hidden": 32, "layers": 1},
+    "timm": {"model": "deit_tiny_patch16_224", "image_size": 16,
+             "model_kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}},
     "igpt": {"size": "tiny", "image_size": 8},
 }
 
@@ -22,6 +24,7 @@ EXPECTED = {
     "vit": ((2, 17, 96), 96, {"tokens"}),  # 4×4 patches + class token, nano width
     "resnet": ((2, 128, 2, 2), 128, set()),  # 512 · 0.25 channels at stride 8
     "lstm": ((2, 16, 64), 64, set()),  # 16 patches, bidirectional 2 × 32
+    "timm": ((2, 17, 32), 32, {"tokens"}),  # a timm DeiT: 4×4 patches + class token, width 32
     "igpt": ((2, 64, 64), 64, {"causal"}),  # one token per pixel, tiny width
 }
 
