@@ -320,7 +320,8 @@ class Finetune(Protocol):
         loop = Loop(steps=s.steps, seed=seed, grad_clip=self.grad_clip, dtype=_autocast_dtype(self.precision, dev),
                     run_dir=run_dir, checkpoint_every=self.checkpoint_every or max(1, s.steps // 10),
                     log_every=log_every, stop_on_signal=False, label="finetune", lr_key="finetune lr",
-                    meta={"finetune": {"schedule": s.as_dict(), "seed": seed, "flip": self.flip}})
+                    meta={"finetune": {"schedule": s.as_dict(), "seed": seed, "flip": self.flip,
+                                       "test_crop": self.test_crop}, **rebuild_meta(backbone, train)})
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)  # stochastic depth and the like draw from the global RNG
             model = Classifier(copy.deepcopy(backbone), train.num_classes, s, self.flip, self.test_crop).to(dev).train()
@@ -360,6 +361,18 @@ class Finetune(Protocol):
         pred = self.predict_proba(model, test).argmax(1)
         return {"top1": 100.0 * (pred == test.targets).float().mean().item(), "train_loss": model.train_loss,
                 "schedule": s.as_dict()}
+
+
+def rebuild_meta(backbone: Backbone, train: TensorImages) -> dict[str, Any]:
+    """What a fine-tune checkpoint records so that it rebuilds without the task's data
+    (:func:`bigmodel.export.load`, ``bigmodel predict``): the task's class count and names
+    (``classes``: empty where the data names none), and the recipe section of the backbone's
+    architecture when the backbone carries it as ``backbone.architecture`` (``{name, **kwargs}``)."""
+    meta: dict[str, Any] = {"num_classes": train.num_classes, "classes": [str(c) for c in train.classes or []]}
+    section = getattr(backbone, "architecture", None)
+    if isinstance(section, dict) and section.get("name"):
+        meta["architecture"] = dict(section)
+    return meta
 
 
 def _autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
