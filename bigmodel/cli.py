@@ -1,5 +1,5 @@
 """``bigmodel`` command line: run, pretrain, transfer, ensemble, report, analyze, compare, sweep, zoo,
-components, data shard (a thin layer over :mod:`bigmodel.api`).
+components, export, data shard (a thin layer over :mod:`bigmodel.api` and :mod:`bigmodel.export`).
 
 Recipe problems print one ``recipe error:`` line and exit with status 2 before anything is written.
 
@@ -193,6 +193,16 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from bigmodel.export import export
+
+    result = export(args.checkpoint, args.format, args.out)
+    console.print(f"exported {result['format']}: " + "  ".join(result["files"]), highlight=False)
+    if result["format"] == "timm":
+        console.print(f"load with timm.create_model('local-dir:{result['out']}', pretrained=True)", highlight=False)
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bigmodel", description="Pretrain vision models (architecture × dataset × objective) and measure how they transfer.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -259,6 +269,15 @@ def parser() -> argparse.ArgumentParser:
                    help="CKA against a fine-tuned copy of the backbone (fine-tuned on the task's train split "
                         "with the finetune protocol; KEY=VALUE set its keys, e.g. steps=300 batch_size=128)")
     s.set_defaults(fn=cmd_analyze)
+    s = sub.add_parser("export", help="write a checkpoint's backbone as a timm model, ONNX or safetensors, with its preprocessing",
+                       epilog="timm: model.safetensors + config.json for timm.create_model('local-dir:OUT', pretrained=True); "
+                              "onnx: backbone.onnx (images -> pooled features, dynamic batch); safetensors: "
+                              "backbone.safetensors (our names, no heads); each with config.json (input size, mean, std, "
+                              "interpolation, the recipe's architecture section)")
+    s.add_argument("checkpoint", metavar="RUN_DIR|CKPT", help="run directory (its latest intact checkpoint) or checkpoint folder")
+    s.add_argument("--format", required=True, metavar="FORMAT", help="timm, onnx or safetensors")
+    s.add_argument("--out", metavar="PATH", help="output folder (default RUN_DIR/export/FORMAT)")
+    s.set_defaults(fn=cmd_export)
     s = sub.add_parser("report", help="rebuild a run's report.json/html and figures from its files (no data, no training)")
     s.add_argument("run_dir", help="run directory")
     s.add_argument("--no-figures", action="store_true", help="keep the figures under RUN_DIR/figures as they are")
