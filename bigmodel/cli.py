@@ -1,5 +1,6 @@
 """``bigmodel`` command line: run, pretrain, transfer, ensemble, report, analyze, compare, sweep, zoo,
-components, export, data shard (a thin layer over :mod:`bigmodel.api` and :mod:`bigmodel.export`).
+components, export, predict, data shard (a thin layer over :mod:`bigmodel.api`,
+:mod:`bigmodel.export` and :mod:`bigmodel.predict`).
 
 Recipe problems print one ``recipe error:`` line and exit with status 2 before anything is written.
 
@@ -203,6 +204,14 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def cmd_predict(args: argparse.Namespace, console: Console) -> int:
+    from bigmodel.predict import lines, predict
+
+    results = predict(args.checkpoint, args.images, args.top_k)
+    print(json.dumps(results, indent=1) if args.json else "\n".join(lines(results)))
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bigmodel", description="Pretrain vision models (architecture × dataset × objective) and measure how they transfer.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -278,6 +287,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--format", required=True, metavar="FORMAT", help="timm, onnx or safetensors")
     s.add_argument("--out", metavar="PATH", help="output folder (default RUN_DIR/export/FORMAT)")
     s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("predict", help="top classes of image files from a supervised or fine-tuned checkpoint")
+    s.add_argument("checkpoint", metavar="RUN_DIR|CKPT", help="run directory or checkpoint folder with a class head")
+    s.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ... as PIL reads them)")
+    s.add_argument("--top-k", type=int, default=5, help="classes per image, most probable first (default 5)")
+    s.add_argument("--json", action="store_true", help="print the predictions as JSON instead of one line per image")
+    s.set_defaults(fn=cmd_predict)
     s = sub.add_parser("report", help="rebuild a run's report.json/html and figures from its files (no data, no training)")
     s.add_argument("run_dir", help="run directory")
     s.add_argument("--no-figures", action="store_true", help="keep the figures under RUN_DIR/figures as they are")
