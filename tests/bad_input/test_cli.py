@@ -1,5 +1,7 @@
-"""The command line as people use it: switching a component, ``zoo NAME``, and protocol settings a
-task cannot serve (``bigmodel transfer ... --set k=100000``, a recipe's or a suite's entry)."""
+"""The command line as people use it: switching a component, ``zoo NAME``, protocol settings a task
+cannot serve (``bigmodel transfer ... --set k=100000``, a recipe's or a suite's entry), and export /
+predict mistakes (a format or a model timm cannot take, an image that is not there or not an image,
+a checkpoint without a class head)."""
 
 from __future__ import annotations
 
@@ -52,6 +54,23 @@ def _no_transfer_file(tmp: Path) -> None:
     assert not (tmp / "run" / "transfer").exists()
 
 
+def _with_small_stem_resnet(tmp: Path) -> None:
+    from tests.test_export import saved_run
+
+    saved_run(tmp, "supervised-resnet", ["run.tiny=true"], name="resnet")  # 28 px: the small-image stem
+
+
+def _with_mae_checkpoint(tmp: Path) -> None:
+    from tests.test_export import saved_run
+
+    saved_run(tmp, "mae-vit", ["run.tiny=true"], name="mae")
+
+
+def _with_text_named_png(tmp: Path) -> None:
+    _with_run(tmp)
+    (tmp / "notes.png").write_text("a shopping list, not an image\n")
+
+
 TRANSFER = ["transfer", "{tmp}/run", "--task", "digits"]
 
 CASES = [
@@ -77,6 +96,23 @@ CASES = [
          check=_no_transfer_file),
     Case("ensemble-one-class-task", ["ensemble", "{tmp}/run", "--task", "{tmp}/one.npz", "--out", "{tmp}/e.json"],
          2, f"recipe error: ensemble on one: {ONE_CLASS}", setup=_with_one_class_task, absent=("e.json",)),
+    Case("export-unknown-format", ["export", "{tmp}/run", "--format", "tflite"], 2,
+         "recipe error: export --format 'tflite': unknown format; valid: timm, onnx, safetensors", setup=_with_run,
+         absent=("run/export",)),
+    Case("export-no-checkpoint", ["export", "{tmp}/nothing", "--format", "onnx"], 2,
+         "/nothing: no such run directory or checkpoint folder"),
+    Case("export-timm-small-stem", ["export", "{tmp}/resnet", "--format", "timm"], 2,
+         "recipe error: export --format timm: architecture.stem='auto' at image_size=28 is the small-image stem",
+         setup=_with_small_stem_resnet, absent=("resnet/export",)),
+    Case("predict-missing-image", ["predict", "{tmp}/run", "{tmp}/nope.png"], 2, "/nope.png: no such file",
+         setup=_with_run),
+    Case("predict-not-an-image", ["predict", "{tmp}/run", "{tmp}/notes.png"], 2,
+         "/notes.png is not an image PIL can read (UnidentifiedImageError: ", setup=_with_text_named_png),
+    Case("predict-self-supervised", ["predict", "{tmp}/mae", "{tmp}/any.png"], 2,
+         "is a mae checkpoint (self-supervised): it has no class head. Fine-tune it on labelled data first",
+         setup=_with_mae_checkpoint),
+    Case("predict-top-k", ["predict", "{tmp}/run", "{tmp}/any.png", "--top-k", "0"], 2,
+         "recipe error: predict --top-k 0: must be at least 1", setup=_with_run),
 ]
 
 
