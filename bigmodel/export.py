@@ -156,7 +156,7 @@ def _load_finetuned(found: Path, meta: dict[str, Any]) -> Loaded:
     if not section:
         raise checkpoint.CheckpointError(
             f"{found}: this fine-tune checkpoint does not record the architecture of its backbone (meta.json has "
-            f"no 'architecture'), so it cannot be rebuilt; fine-tune again with the current bigmodel")
+            f"no 'architecture': the fine-tuned backbone did not carry its recipe section), so it cannot be rebuilt")
     net = build.backbone(_component("architecture", section, ARCHITECTURES))
     ft = meta["finetune"]
     schedule = Schedule(**{**ft["schedule"], "decay_steps": tuple(ft["schedule"]["decay_steps"])})
