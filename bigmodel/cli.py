@@ -25,7 +25,7 @@ import sys
 from rich.console import Console
 
 from bigmodel import api
-from bigmodel.recipe import RecipeError, resolve, zoo_names, zoo_text
+from bigmodel.recipe import RecipeError, zoo_names, zoo_text
 from bigmodel.train.trainer import NonFiniteLoss
 
 EXIT_OK = 0
@@ -39,7 +39,7 @@ def _recipe(args: argparse.Namespace):
         if args.recipe or args.overrides:
             raise RecipeError("--resume continues a run exactly as it was: give no recipe or overrides with it")
         return api.load_recipe(args.resume)
-    return resolve(args.recipe, args.overrides)
+    return api.resolve_recipe(args.recipe, args.overrides)
 
 
 def _split_recipe_arg(args: argparse.Namespace) -> None:
@@ -50,12 +50,11 @@ def _split_recipe_arg(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    recipe = _recipe(args)
-    result = api.run(recipe, console, transfer=args.command == "run")
-    if result["pretrain"]["stopped"]:
+    result = api.run_recipe(_recipe(args), transfer=args.command == "run", console=console)
+    if result.stopped == "pretrain":
         return EXIT_STOPPED
-    if "stopped" in result:
-        stop = result["stopped"]
+    if result.stopped == "transfer":
+        stop = result.report["stopped"]
         print(f"stopped during transfer after {stop['rows_done']} of {stop['rows']} rows; rerun the same "
               f"command to finish", file=sys.stderr)
         return EXIT_STOPPED
