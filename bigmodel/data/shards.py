@@ -5,21 +5,24 @@ A shard is a tar of samples ``{key}.png`` (or ``.jpg``/``.webp``/``.npy``) plus 
 index ``{split}.json`` (sample count per shard, image size, channels, classes), so that a reader
 knows the corpus without opening it.
 
-Order of the stream. Epoch ``e`` visits the shards in a permutation seeded by ``(seed, e)`` (the
-same on every rank); its ``N`` samples, in that order, are cut into ``S = world · streams``
-contiguous ranges, one per *slot* ``(rank, stream)``. A slot therefore reads its own shards (it
-shares at most one boundary shard with each neighbour, whatever the shard sizes) and every
-sample is in exactly one slot per epoch. Within its range a slot shuffles blocks of ``shuffle``
-samples with a permutation seeded by ``(seed, e, slot, block)``.
+Order of the stream. Epoch ``e`` visits the shards in a permutation seeded by ``(seed, e)``; its
+``N`` samples, in that order, are cut into ``streams`` contiguous ranges, one per stream. A stream
+therefore reads its own shards (it shares at most one boundary shard with each neighbour, whatever
+the shard sizes) and every sample is in exactly one stream per epoch. Within its range a stream
+shuffles blocks of ``shuffle`` samples with a permutation seeded by ``(seed, e, stream, block)``.
 
 Position. As for map-style data (:mod:`bigmodel.data.loader`) the data position is the step,
-saved in every checkpoint: rank ``r`` at step ``t`` takes the next ``batch_size`` samples of slot
-``(r, t mod streams)``, whose position is ``(t div streams) · batch_size``. Any step is reached
+saved in every checkpoint: the global batch of step ``t`` is the next ``batch_size`` samples of
+stream ``t mod streams``, whose position is ``(t div streams) · batch_size``. Any step is reached
 by skipping undecoded samples, so a resumed run reads exactly the samples the uninterrupted run
-would have read, neither repeating nor skipping any, with nothing to save but the step. The
-stream depends on ``seed``, ``batch_size``, ``streams`` and the world size (all but the last
-fixed by the recipe; resume with the same number of ranks), not on the number of DataLoader
-workers: each worker serves whole streams, so ``streams`` should be a multiple of it.
+would have read, neither repeating nor skipping any, with nothing to save but the step.
+
+Several processes. The stream, and so the global batch of every step, depends on ``seed``,
+``batch_size`` and ``streams`` (fixed by the recipe), not on the number of processes or of
+DataLoader workers: a run saved on 2 processes resumes on 1 or 4 where it stopped. Rank ``r``
+decodes only its rows of each batch (:func:`bigmodel.data.loader.rank_rows`) and skips the others'
+undecoded: every rank reads the bytes of the whole global batch, and decodes ``1/world`` of it.
+Each DataLoader worker serves whole streams, so ``streams`` should be a multiple of the workers.
 """
 
 from __future__ import annotations
@@ -77,15 +80,15 @@ def decode(sample: dict[str, Any], channels: int | None) -> tuple[torch.Tensor, 
 
 
 class _Slot:
-    """The endless sample stream of one slot, opened at a position (see the module docstring)."""
+    """The endless sample stream of one stream (a *slot* of the epoch's sequence), opened at a
+    position (see the module docstring)."""
 
     def __init__(self, ds: Shards, slot: int, slots: int, seed: int, pos: int):
         self.ds, self.slot, self.seed, self.pos = ds, slot, seed, pos
         n = len(ds)
         self.a, self.b = slot * n // slots, (slot + 1) * n // slots
         if self.b == self.a:
-            raise ValueError(f"shards: {n} samples cannot feed {slots} streams (world size × data.streams); "
-                             f"lower data.streams")
+            raise ValueError(f"shards: {n} samples cannot feed data.streams = {slots} streams; lower data.streams")
         self._it = self._samples()
 
     def take(self, k: int) -> list[dict[str, Any]]:
@@ -121,8 +124,9 @@ class Shards(IterableDataset, ImageDataset):
             folder. Anything webdataset opens works (paths, http(s), ``pipe:``).
         index: the ``{split}.json`` index for explicit ``urls`` (default: the one beside the first
             shard if it is there; else the shards are counted once by reading them).
-        streams: independent read streams per rank; DataLoader workers each serve whole streams,
-            so make it a multiple of ``run.num_workers``. Part of the data order: keep it on resume.
+        streams: independent read streams (of the whole run, whatever the number of processes);
+            DataLoader workers each serve whole streams, so make it a multiple of
+            ``run.num_workers``. Part of the data order: keep it on resume.
         shuffle: block size of the in-stream shuffle (0: shard order only).
         channels: decode to 1 or 3 channels (default: as the index says, else as the first image).
     """
@@ -179,18 +183,23 @@ class Shards(IterableDataset, ImageDataset):
         """The DataLoader workers to use: the largest count ≤ ``num_workers`` dividing ``streams``."""
         return max([w for w in range(1, num_workers + 1) if self.streams % w == 0], default=0)
 
-    def step_batches(self, steps: Iterable[int], batch_size: int, seed: int, rank: int = 0,
-                     world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(images uint8 (B, C, H, W), labels (B,))`` of rank ``rank`` for each of ``steps``
-        (increasing). Only the slots these steps draw from are opened."""
+    def step_batches(self, steps: Iterable[int], batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                     accum_steps: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images uint8 (b, C, H, W), labels (b,))`` for each of ``steps`` (increasing): rank
+        ``rank``'s rows (:func:`~bigmodel.data.loader.rank_rows`) of the step's global batch of
+        ``batch_size``, ``b = batch_size / world``. Only the streams these steps draw from are
+        opened, and only this rank's samples are decoded."""
+        from bigmodel.data.loader import rank_rows
+
+        rows = rank_rows(batch_size, accum_steps, rank, world).tolist()
         slots: dict[int, _Slot] = {}
         for t in steps:
             v, pos = t % self.streams, (t // self.streams) * batch_size
             slot = slots.get(v)
             if slot is None or slot.pos != pos:
-                slot = slots[v] = _Slot(self, rank * self.streams + v, world * self.streams, seed, pos)
-            items = [decode(s, self.channels) for s in slot.take(batch_size)]
-            yield _stack(items, self)
+                slot = slots[v] = _Slot(self, v, self.streams, seed, pos)
+            batch = slot.take(batch_size)
+            yield _stack([decode(batch[i], self.channels) for i in rows], self)
 
     # -- plain iteration: every sample once, in shard order (for materialize, re-sharding) -------
 

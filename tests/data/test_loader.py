@@ -1,5 +1,5 @@
-"""The step-indexed loader (map-style path unchanged, streamed path dealt to workers) and the
-batched augmentations."""
+"""The step-indexed loader (map-style path unchanged, streamed path dealt to workers), each rank's
+rows of the global batch, and the batched augmentations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from bigmodel.data.augment import random_resized_crop
 from bigmodel.data.base import TensorImages
 from bigmodel.data.fractals import Fractals
-from bigmodel.data.loader import _Steps, batches, rank_world
+from bigmodel.data.loader import _Steps, batches, rank_rows, rank_world
 from bigmodel.data.transforms import random_crop_flip
 
 
@@ -34,6 +34,30 @@ def test_map_style_workers_give_the_same_batches():
     assert all(torch.equal(a, b) for a, b in zip(inline, workers, strict=True))
 
 
+def test_rank_rows_are_each_ranks_share_of_every_micro_batch():
+    assert rank_rows(8).tolist() == list(range(8))
+    assert rank_rows(8, 1, 1, 2).tolist() == [4, 5, 6, 7]
+    assert rank_rows(8, 2, 0, 2).tolist() == [0, 1, 4, 5]  # micro-batches [0..3], [4..7]: first half of each
+    assert rank_rows(8, 2, 1, 2).tolist() == [2, 3, 6, 7]
+    assert sorted(r for k in range(4) for r in rank_rows(16, 2, k, 4).tolist()) == list(range(16))
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        rank_rows(8, 1, 0, 3)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_read_their_rows_of_the_one_global_batch(workers: int):
+    """The batch of a step does not depend on the process count: 2 ranks together read it."""
+    ds = Fractals(classes=3, images_per_class=4, image_size=8, points=500) if workers else _tensor_set()
+    whole = [y for _, y in batches(ds, 8, seed=1, stop=5, num_workers=workers, accum_steps=2)]
+    ranks = [[y for _, y in batches(ds, 8, seed=1, stop=5, num_workers=workers, rank=r, world=2, accum_steps=2)]
+             for r in range(2)]
+    for step, y in enumerate(whole):
+        together = torch.empty_like(y)
+        for r in range(2):
+            together[rank_rows(8, 2, r, 2)] = ranks[r][step]
+        assert torch.equal(together, y)
+
+
 class _Echo:
     """A streamed dataset whose batch for step t is [t]."""
 
@@ -42,7 +66,7 @@ class _Echo:
     def workers_for(self, n: int) -> int:
         return max(w for w in range(1, n + 1) if self.streams % w == 0)
 
-    def step_batches(self, steps, batch_size, seed, rank=0, world=1):
+    def step_batches(self, steps, batch_size, seed, rank=0, world=1, accum_steps=1):
         for t in steps:
             yield torch.zeros(1, 1, 1, 1, dtype=torch.uint8), torch.tensor([t])
 

@@ -1,5 +1,6 @@
 """shards: every sample exactly once per epoch across 2 workers × 2 simulated ranks, again across a
-kill and resume; each slot reads its own shards; `bigmodel data shard` round-trips a dataset."""
+kill and resume; the ranks together read the batches of one process (so a run resumes on another
+process count); each stream reads its own shards; `bigmodel data shard` round-trips a dataset."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ from bigmodel import cli
 from bigmodel.data import shards as shards_mod
 from bigmodel.data.base import TensorImages, materialize
 from bigmodel.data.digits import digits
-from bigmodel.data.loader import batches
+from bigmodel.data.loader import batches, rank_rows
 from bigmodel.data.shards import Shards, write_shards
 from bigmodel.recipe import validate
 from bigmodel.train import build
 from bigmodel.train.trainer import pretrain
 
-N, SHARD, B, WORLD, STREAMS = 96, 10, 4, 2, 2  # 10 shards (9 × 10 + 6); 24 samples per slot
-STEPS = N // (WORLD * B)  # steps in one epoch: 12 per rank
+N, SHARD, B, WORLD, STREAMS = 96, 10, 4, 2, 2  # 10 shards (9 × 10 + 6); 48 samples per stream
+STEPS = N // B  # steps in one epoch: 24, each rank reading B / WORLD samples of each
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,12 @@ def corpus(tmp_path_factory) -> Path:
     return dst
 
 
-def _run(corpus: Path, monkeypatch, rank: int, start: int, stop: int, workers: int, **kw) -> list[list[int]]:
-    monkeypatch.setenv("RANK", str(rank))
-    monkeypatch.setenv("WORLD_SIZE", str(WORLD))
+def _run(corpus: Path, monkeypatch, rank: int, start: int, stop: int, workers: int, world: int = WORLD,
+         **kw) -> list[list[int]]:
     ds = Shards(str(corpus), streams=STREAMS, shuffle=kw.pop("shuffle", 7), **kw)  # fresh, as after a restart
     out = []
-    for images, labels in batches(ds, B, seed=3, start=start, stop=stop, num_workers=workers):
-        assert images.shape == (B, 1, 6, 6) and torch.equal(images[:, 0, 0, 0].long(), labels * 2)
+    for images, labels in batches(ds, B, seed=3, start=start, stop=stop, num_workers=workers, rank=rank, world=world):
+        assert images.shape == (B // world, 1, 6, 6) and torch.equal(images[:, 0, 0, 0].long(), labels * 2)
         out.append(labels.tolist())
     return out
 
@@ -75,29 +75,45 @@ def test_kill_and_resume_neither_repeats_nor_skips(corpus: Path, monkeypatch):
         _run(corpus, monkeypatch, 1, 0, 9, workers=1)
 
 
-def test_each_slot_reads_its_own_shards(corpus: Path, monkeypatch):
-    """A slot opens only the shards of its range: the 10 shards are split across the 4 slots,
-    a boundary shard shared by at most two neighbours."""
-    opened: dict[int, set[str]] = {}
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_the_ranks_together_read_the_batches_of_one_process(corpus: Path, monkeypatch, accum_steps: int):
+    """The cursor is global: the batch of a step is the same for 1 and 2 processes, so a run saved on
+    2 processes resumes on 1 (and back) at the same sample."""
+    one = _run(corpus, monkeypatch, 0, 0, STEPS + 3, workers=2, world=1)
+    ds = [Shards(str(corpus), streams=STREAMS, shuffle=7) for _ in range(WORLD)]
+    per_rank = [[y.tolist() for _, y in batches(ds[r], B, seed=3, stop=STEPS + 3, num_workers=2, rank=r, world=WORLD,
+                                                 accum_steps=accum_steps)] for r in range(WORLD)]
+    for step, batch in enumerate(one):
+        together = [0] * B
+        for r in range(WORLD):
+            for row, y in zip(rank_rows(B, accum_steps, r, WORLD).tolist(), per_rank[r][step], strict=True):
+                together[row] = y
+        assert together == batch
+
+
+def test_each_stream_reads_its_own_shards(corpus: Path, monkeypatch):
+    """A stream opens only the shards of its range: the 10 shards are split across the 2 streams,
+    a boundary shard shared by at most two neighbours; every rank reads the same streams."""
+    opened: dict[tuple[int, int], set[str]] = {}
     real = shards_mod.raw_samples
     for rank in range(WORLD):
         for v in range(STREAMS):
-            slot = rank * STREAMS + v
-            monkeypatch.setattr(shards_mod, "raw_samples", lambda url, s=slot: opened.setdefault(s, set()).add(url) or real(url))
+            monkeypatch.setattr(shards_mod, "raw_samples",
+                                lambda url, key=(rank, v): opened.setdefault(key, set()).add(url) or real(url))
             ds = Shards(str(corpus), streams=STREAMS, shuffle=0)
-            steps = range(v, STEPS, STREAMS)  # the steps this slot serves in epoch 0
+            steps = range(v, STEPS, STREAMS)  # the steps this stream serves in epoch 0
             list(ds.step_batches(steps, B, seed=3, rank=rank, world=WORLD))
-    per_shard = Counter(u for urls in opened.values() for u in urls)
+    per_shard = Counter(u for (rank, _), urls in opened.items() if rank == 0 for u in urls)
     assert len(per_shard) == 10 and max(per_shard.values()) <= 2
-    assert all(len(urls) <= 4 for urls in opened.values())
+    assert all(len(urls) <= 6 for urls in opened.values())
+    assert all(opened[(0, v)] == opened[(1, v)] for v in range(STREAMS))
 
 
 def test_no_shuffle_reads_shards_in_epoch_order(corpus: Path, monkeypatch):
-    runs = [_run(corpus, monkeypatch, r, 0, STEPS, workers=0, shuffle=0) for r in range(WORLD)]
-    for run in runs:  # each slot's range is a contiguous stretch of whole shards, read in order
-        for v in range(STREAMS):
-            stream = [i for batch in run[v::STREAMS] for i in batch]
-            assert all(b - a == 1 for a, b in zip(stream, stream[1:], strict=False) if a // SHARD == b // SHARD)
+    run = _run(corpus, monkeypatch, 0, 0, STEPS, workers=0, world=1, shuffle=0)
+    for v in range(STREAMS):  # each stream's range is a contiguous stretch of whole shards, read in order
+        stream = [i for batch in run[v::STREAMS] for i in batch]
+        assert all(b - a == 1 for a, b in zip(stream, stream[1:], strict=False) if a // SHARD == b // SHARD)
 
 
 def test_explicit_urls_with_braces_and_split(corpus: Path, tmp_path: Path):
