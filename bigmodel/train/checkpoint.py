@@ -13,15 +13,32 @@ parent fsynced: a kill at any instant leaves either the previous complete checkp
 ``.tmp-*`` folder that :func:`latest` never looks at (and the next save clears away). A file
 damaged after the fact (a full disk, a bad copy) fails its checksum: :func:`latest` names it and
 falls back to the newest intact checkpoint; it deletes nothing.
+
+A run of several processes (DESIGN.md §7) saves a *sharded* checkpoint instead
+(:func:`save_sharded`), in the same folder scheme and with the same atomic rename: every rank
+writes its shards with ``torch.distributed.checkpoint`` (DCP: ``.metadata`` and ``__R_0.distcp``
+files, the model under ``model.``, the optimizer's tensors under ``optim.state.``) and its RNG
+state (``rng-RRRRR.pt``: CPU and CUDA), then rank 0 writes ``meta.json`` with every file's size
+and sha256 (each rank hashes its own) and renames. DCP reshards on load, so such a checkpoint
+resumes on any number of processes, one included (:func:`restore`); rank ``r`` takes the RNG
+state rank ``r`` saved, and a rank that did not exist then gets a fresh stream seeded by
+``(seed, step, rank)`` (the views of a step are seeded by ``(seed, step)`` alone, so only what a
+forward pass draws from the global RNG — MAE's masks, dropout — depends on it). Only tensors are
+saved (the optimizer's hyper-parameters come from the recipe again), and the pickled ``.metadata``
+is read by an unpickler that admits DCP's own metadata classes only. :func:`load_weights` reads
+the model part of either kind on one process (transfer, analysis).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,9 +47,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bigmodel.recipe import RecipeError
+from bigmodel.train import distributed
 
 PREFIX = "step_"
 FILES = ("model.safetensors", "state.pt")
+DCP_METADATA = ".metadata"
 
 
 class CheckpointError(RecipeError):
@@ -98,7 +117,8 @@ def problem(ckpt: Path) -> str | None:
         recorded = load_meta(ckpt).get("files")
     except (OSError, ValueError) as e:
         return f"meta.json is unreadable ({type(e).__name__})"
-    for name in FILES:
+    names = sorted({DCP_METADATA, *(recorded or ())}) if is_sharded(ckpt) else FILES
+    for name in names:
         path = ckpt / name
         if not path.is_file():
             return f"{name} is missing"
@@ -158,8 +178,7 @@ def load_weights(ckpt: Path, model: torch.nn.Module, prefix: str = "", drop: tup
             the model (the first few are named, with their count).
     """
     drop = tuple(drop)
-    weights = load_file(str(Path(ckpt) / "model.safetensors"))
-    weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    weights = read_weights(ckpt, prefix)
     if drop:
         weights = {k: v for k, v in weights.items() if not k.startswith(drop)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -171,8 +190,216 @@ def load_weights(ckpt: Path, model: torch.nn.Module, prefix: str = "", drop: tup
                                   f"{f', prefix {prefix!r}' if prefix else ''}); is it a checkpoint of this architecture?")
 
 
+def read_weights(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The model's tensors under ``prefix`` (stripped), whole and on the CPU, from either kind of
+    checkpoint, in this one process."""
+    ckpt = Path(ckpt)
+    if not is_sharded(ckpt):
+        weights = load_file(str(ckpt / "model.safetensors"))
+        return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    reader = _reader(ckpt)
+    entries = reader.read_metadata().state_dict_metadata
+    want = f"model.{prefix}"
+    weights = {k[len(want):]: torch.empty(m.size, dtype=m.properties.dtype)
+               for k, m in entries.items() if k.startswith(want) and _is_tensor(m)}
+    _dcp_load({"model": {prefix + k: v for k, v in weights.items()}}, reader, no_dist=True)
+    return weights
+
+
+def _dcp_load(state: dict[str, Any], reader: Any, no_dist: bool) -> None:
+    """``dcp.load`` in place into ``state``; in one process without the warning that it assumes so."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=no_dist)
+
+
 def load_state(ckpt: Path) -> dict[str, Any]:
     return torch.load(Path(ckpt) / "state.pt", weights_only=True)
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """Whether ``ckpt`` was saved by several processes (DCP) rather than one (safetensors)."""
+    return (Path(ckpt) / DCP_METADATA).is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state: saved by every rank of a run of several processes, restored on any number
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's global RNG state: CPU, and CUDA when there is a GPU."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_sharded(folder: Path, step: int, net: torch.nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any],
+                 keep: int = 2) -> Path:
+    """Every rank: write checkpoint ``step`` of a distributed run with DCP (see the module
+    docstring), atomically, keeping the ``keep`` most recent; returns its folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, world = distributed.rank(), distributed.world()
+    name = f"{PREFIX}{step:08d}"
+    tmp, final = folder / f".tmp-{name}", folder / name
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f".tmp-{PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    distributed.barrier()
+    model_state, optim_state = get_state_dict(net, opt)
+    with warnings.catch_warnings():  # in one process (tests): not the warning that it assumes so
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.save({"model": model_state, "optim": {"state": _tensors_only(optim_state["state"])}},
+                 storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=world == 1)
+    torch.save(rng_state(), tmp / f"rng-{rank:05d}.pt")
+    _fsync(tmp / f"rng-{rank:05d}.pt")
+    mine = [*sorted(tmp.glob(f"__{rank}_*.distcp")), tmp / f"rng-{rank:05d}.pt"]
+    files = {k: v for part in distributed.all_gather_objects({p.name: _digest(p) for p in mine}) for k, v in part.items()}
+    if rank == 0:
+        files[DCP_METADATA] = _digest(tmp / DCP_METADATA)
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta, "format": "dcp", "world": world,
+                                                   "files": dict(sorted(files.items()))}, indent=1, default=str))
+        for f in (tmp / "meta.json", tmp / DCP_METADATA, tmp):
+            _fsync(f)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(folder)
+        for old in [p for p in _complete(folder) if p.name <= name][:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return final
+
+
+def restore(ckpt: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, seed: int = 0, rank: int = 0,
+            world: int = 1) -> int:
+    """Load a checkpoint of either kind into the training module ``net`` (plain, DDP or FSDP2)
+    and its optimizer, on any number of processes (every rank of ``world`` calls it), and set this
+    rank's RNG state (see the module docstring). Returns the checkpoint's step."""
+    ckpt = Path(ckpt)
+    step = int(load_meta(ckpt)["step"])
+    if is_sharded(ckpt):
+        _restore_sharded(ckpt, net, opt, world)
+        own = ckpt / f"rng-{rank:05d}.pt"
+        rng = torch.load(own, weights_only=True) if own.is_file() else None
+    else:
+        state = load_state(ckpt)
+        if distributed.sharded(net):  # FSDP2: the whole tensors of one process, sharded on load
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(net, opt, model_state_dict=read_weights(ckpt), options=StateDictOptions(full_state_dict=True),
+                           optim_state_dict=_by_name(state["optimizer"], net, opt))
+        else:
+            load_weights(ckpt, distributed.unwrapped(net))
+            opt.load_state_dict(state["optimizer"])
+        rng = {"cpu": state["rng"], **({"cuda": state["cuda_rng"]} if "cuda_rng" in state else {})} if rank == 0 else None
+    if rng is None:
+        distributed.seed_rank(seed, rank, step)
+    else:
+        set_rng_state(rng)
+    return step
+
+
+def _restore_sharded(ckpt: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, world: int) -> None:
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(net, opt)  # the layout to load into (the optimizer's state created)
+    wanted = {"model": model_state, "optim": {"state": optim_state["state"]}}
+    reader = _reader(ckpt)
+    entries = reader.read_metadata().state_dict_metadata
+    names = [f"model.{k}" for k in model_state] + [f"optim.state.{p}.{k}" for p, s in optim_state["state"].items() for k in s]
+    missing = [k for k in names if k not in entries]
+    if missing or not all(_is_tensor(entries[k]) for k in names):
+        raise CheckpointError(f"{ckpt} does not fit this model and optimizer (missing or not tensors: "
+                              f"{', '.join(missing[:5]) or 'non-tensor entries'}); is it a checkpoint of this recipe?")
+    _dcp_load(wanted, reader, no_dist=world == 1)
+    set_state_dict(net, opt, model_state_dict=wanted["model"],
+                   optim_state_dict={"state": wanted["optim"]["state"], "param_groups": optim_state["param_groups"]})
+
+
+def _by_name(optim_state: dict[str, Any], net: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """A one-process optimizer state dict (parameters numbered in the optimizer's order) keyed by
+    parameter names instead, as ``set_state_dict`` takes it."""
+    names = {id(p): n for n, p in net.named_parameters()}
+    order = [names[id(p)] for group in opt.param_groups for p in group["params"]]
+    return {"state": {order[int(i)]: s for i, s in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in optim_state["param_groups"]]}
+
+
+def _tensors_only(state: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's per-parameter state, refused if anything in it is not a tensor (DCP would
+    pickle it, and loading would unpickle it)."""
+    odd = [f"{p}.{k}" for p, s in state.items() for k, v in s.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise TypeError(f"optimizer state holds non-tensor values ({', '.join(odd[:3])}); a sharded checkpoint saves tensors only")
+    return state
+
+
+def _is_tensor(entry: Any) -> bool:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return isinstance(entry, TensorStorageMetadata)
+
+
+# DCP writes its ``.metadata`` with pickle; these are the only globals such a file refers to.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
+                                              "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if dtype or name in _METADATA_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+@functools.cache
+def _reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        """DCP's file reader, reading ``.metadata`` with :class:`_MetadataUnpickler`."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with open(Path(self.path) / DCP_METADATA, "rb") as f:
+                try:
+                    metadata = _MetadataUnpickler(f).load()
+                except pickle.UnpicklingError as e:
+                    raise CheckpointError(f"{self.path}/{DCP_METADATA}: {e}; refusing to load it") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader
+
+
+def _reader(path: Path) -> Any:
+    """A DCP reader of checkpoint ``path`` (its class is built on first use: DCP imports are slow)."""
+    return _reader_class()(str(path))
 
 
 def load_meta(ckpt: Path) -> dict[str, Any]:
