@@ -4,6 +4,12 @@ Two augmented views of every image pass through the backbone and a 2-layer MLP p
 the NT-Xent loss pulls each view's projection towards its partner's and away from the other
 ``2N - 2`` views of the batch. The transfer protocols use the backbone's pooled features, before
 the projection head, as in the paper.
+
+With several processes the batch is the global one, as in the paper (§B.1 "global BN", and the
+negatives of all cores): each rank gathers the projections of every rank, with gradients, and
+the projection head's BatchNorm normalises with statistics over every rank's rows, so the loss
+and its gradient are those of one process holding the whole batch
+(:func:`bigmodel.train.distributed.gather`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from bigmodel.data import augment
 from bigmodel.data.transforms import MEAN, STD, to_input
 from bigmodel.objectives.base import Objective
 from bigmodel.registry import OBJECTIVES
+from bigmodel.train import distributed
 
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
@@ -44,13 +51,39 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     return F.cross_entropy(sim, positives)
 
 
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` whose training statistics are those of the global batch when ranks train
+    together (SimCLR's global BN): the sums behind the mean and the variance are all-reduced with
+    gradients. In one process, and outside training, it is ``BatchNorm1d`` itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and distributed.gathering()):
+            return super().forward(x)
+        xf = x.float()
+        n = len(x) * distributed.world()  # every rank holds the same number of rows
+        mean = distributed.all_reduce_sum(xf.sum(0)) / n
+        var = distributed.all_reduce_sum((xf - mean).pow(2).sum(0)) / n
+        if self.track_running_stats:
+            self._track(mean.detach(), var.detach(), n)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        return (y * self.weight + self.bias if self.affine else y).to(x.dtype)
+
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        """Update the running statistics as ``F.batch_norm`` does (the unbiased variance)."""
+        self.num_batches_tracked += 1
+        m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+        self.running_mean.lerp_(mean, m)
+        self.running_var.lerp_(var * n / max(n - 1, 1), m)
+
+
 class ProjectionHead(nn.Sequential):
     """SimCLR's projector: Linear → BatchNorm (optional) → ReLU → Linear, ``(B, D)`` → ``(B, out_dim)``."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = True):
         super().__init__(
             nn.Linear(in_dim, hidden_dim, bias=not batch_norm),
-            nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity(),
+            GlobalBatchNorm1d(hidden_dim) if batch_norm else nn.Identity(),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),
         )
@@ -128,8 +161,10 @@ class SimCLR(Objective):
         return [v.expand(-1, c, -1, -1).contiguous() if v.shape[1] != c else v for v in views]
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """views: two ``(B, C, H, W)`` batches → NT-Xent loss and the positive's top-1 rate."""
+        """views: two ``(B, C, H, W)`` batches → NT-Xent loss and the positive's top-1 rate, over the
+        global batch when ranks train together (the projections of every rank gathered)."""
         z1, z2 = self.head(self.backbone(torch.cat(views))).chunk(2)
+        z1, z2 = distributed.gather(z1), distributed.gather(z2)
         loss = nt_xent(z1, z2, self.temperature)
         with torch.no_grad():
             z = F.normalize(torch.cat([z1, z2]), dim=1)

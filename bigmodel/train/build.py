@@ -57,7 +57,11 @@ def optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 def device(run: RunConfig) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: the GPU named by ``LOCAL_RANK`` (set by torchrun: one process per
+    GPU) or the only/current one, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ["LOCAL_RANK"])) if "LOCAL_RANK" in os.environ else torch.device("cuda")
 
 
 def autocast_dtype(run: RunConfig, dev: torch.device) -> torch.dtype | None:

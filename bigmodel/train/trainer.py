@@ -5,6 +5,11 @@
 optimizer, a learning-rate function and a stream of batches, through :func:`train_step`, and when
 given a folder it checkpoints, logs ``metrics.jsonl`` and resumes from there. :func:`pretrain` builds
 those from a recipe; :mod:`bigmodel.transfer.finetune` builds them from BiT-HyperRule.
+
+Under torchrun every process runs :func:`pretrain` (DESIGN.md §7): :func:`fit` then sees the module a
+step runs (DDP or FSDP2, from :func:`bigmodel.train.distributed.wrap`), its rank and the world size
+(``Loop.rank``/``Loop.world``), and nothing else of the distribution — see
+:mod:`bigmodel.train.distributed` for how the run stays the run of one process.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from rich.console import Console
 from bigmodel.data.base import ImageDataset
 from bigmodel.objectives.base import Objective
 from bigmodel.recipe import OptimConfig, Recipe
-from bigmodel.train import checkpoint
+from bigmodel.train import checkpoint, distributed
 from bigmodel.train.logging import GracefulStop, MetricsLog, StepProgress
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -46,19 +51,24 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, views: list[t
                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Forward/backward over ``accum_steps`` micro-batches (under autocast to ``dtype`` when given),
     clip the global gradient norm to ``grad_clip``, step. Returns detached scalars (the loss, the
-    objective's metrics and ``grad_norm``, before clipping)."""
+    objective's metrics and ``grad_norm``, before clipping).
+
+    ``model`` may be wrapped by DDP or sharded by FSDP2: gradients are then averaged across the
+    ranks in the backward pass of the last micro-batch only."""
     totals: dict[str, torch.Tensor] = {}
     chunks = zip(*(v.chunk(accum_steps) for v in views), labels.chunk(accum_steps), strict=True)
-    for *micro, y in chunks:
-        with torch.autocast(micro[0].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(list(micro), y)
-        (out["loss"] / accum_steps).backward()
+    for i, (*micro, y) in enumerate(chunks):
+        with distributed.grad_sync(model, i == accum_steps - 1):
+            with torch.autocast(micro[0].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model(list(micro), y)
+            (out["loss"] / accum_steps).backward()
         for k, v in out.items():
             totals[k] = totals.get(k, 0) + v.detach().float() / accum_steps
     if grad_clip is not None:
-        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:  # measured all the same: a finite loss can come with non-finite gradients
-        totals["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    totals["grad_norm"] = distributed.full_norm(norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return totals
@@ -82,59 +92,89 @@ class Loop:
     label: str = "pretrain"  # the progress line's label
     lr_key: str = "optim.lr"  # named in the non-finite-loss message
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # saved in every checkpoint's meta.json
+    rank: int = 0  # this process among ``world`` training together (torchrun); only rank 0 writes
+    world: int = 1
 
 
-def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, run_dir: Path | None,
-           console: Console) -> int:
-    """Load the latest checkpoint of ``run_dir`` (weights, optimizer, RNG) if any; its step, else 0."""
-    last = checkpoint.latest(run_dir / "checkpoints") if run_dir is not None else None
+def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, loop: Loop, console: Console) -> int:
+    """Load the latest checkpoint of ``loop.run_dir`` (weights, optimizer, RNG) if any; its step,
+    else 0. With several processes rank 0 finds and verifies it, and every rank loads it (a
+    checkpoint of any process count: see :func:`bigmodel.train.checkpoint.restore`)."""
+    last = None
+    if loop.run_dir is not None and loop.rank == 0:
+        last = checkpoint.latest(loop.run_dir / "checkpoints")
+    if loop.world > 1:
+        last = distributed.broadcast(last)
     if last is None:
         return 0
-    checkpoint.load_weights(last, model)
-    state = checkpoint.load_state(last)
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    console.print(f"resuming from {last} (step {int(state['step'])})")
-    return int(state["step"])
+    step = checkpoint.restore(last, model, opt, loop.seed, loop.rank, loop.world)
+    console.print(f"resuming from {last} (step {step})")
+    return step
+
+
+def save(folder: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, loop: Loop) -> None:
+    """Checkpoint ``step``: safetensors from one process, a sharded DCP checkpoint from several."""
+    if loop.world > 1:
+        checkpoint.save_sharded(folder, step, model, opt, loop.meta, keep=loop.keep_checkpoints)
+        return
+    state = {"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": step}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    checkpoint.save(folder, step, model, state, loop.meta, keep=loop.keep_checkpoints)
+
+
+def check_finite(scalars: dict[str, float], step: int, folder: Path | None, loop: Loop) -> None:
+    """Raise :class:`NonFiniteLoss` if the loss or the gradient norm is not finite."""
+    bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(scalars[k])), None)
+    if bad is not None:  # weights updated by non-finite gradients are never saved
+        kept = f"the last good checkpoint stays in {folder}" if folder else "nothing was saved"
+        where = " (on at least one process)" if loop.world > 1 else ""
+        raise NonFiniteLoss(f"{'loss' if bad == 'loss' else 'gradient norm'} became {scalars[bad]} at step {step}"
+                            f"{where}; {kept} (try a lower {loop.lr_key})")
 
 
 def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int], float],
-        batches_fn: Callable[[int], Batches], loop: Loop, console: Console) -> dict[str, Any]:
+        batches_fn: Callable[[int], Batches], loop: Loop, console: Console,
+        net: torch.nn.Module | None = None) -> dict[str, Any]:
     """Train ``model`` for steps ``[start, loop.steps)``, where ``start`` is the step of the latest
     checkpoint in ``loop.run_dir`` (0 without one). ``batches_fn(start)`` yields ``(uint8 images
-    (B, C, H, W), labels (B,))`` per step; ``lr_fn(step)`` sets every parameter group's lr.
+    (B, C, H, W), labels (B,))`` per step (this rank's rows); ``lr_fn(step)`` sets every parameter
+    group's lr. ``net`` is the module a step runs (``model`` wrapped by DDP or FSDP2; default
+    ``model``, which draws the views). With ``loop.world > 1`` every rank calls this, and the ranks
+    agree after each step on the mean scalars and on stopping.
 
     Returns ``{"steps_done", "stopped", "history"}``: ``history`` holds the records logged by this
     call (every ``log_every`` steps and at checkpoints), as written to ``metrics.jsonl``.
     """
-    dev = next(model.parameters()).device
+    net = model if net is None else net
+    dev = next(net.parameters()).device
     ckpt_dir = loop.run_dir / "checkpoints" if loop.run_dir is not None else None
-    start = resume(model, opt, loop.run_dir, console)
-    if loop.run_dir is not None:
+    shown = console if loop.rank == 0 else Console(quiet=True)  # only rank 0 prints
+    start = resume(net, opt, loop, shown)
+    log = None
+    if loop.run_dir is not None and loop.rank == 0:  # only rank 0 writes
         loop.run_dir.mkdir(parents=True, exist_ok=True)
-    tb = loop.run_dir / "tensorboard" if loop.run_dir is not None and loop.tensorboard else None
-    log = MetricsLog(loop.run_dir / "metrics.jsonl", start, tb) if loop.run_dir is not None else None
+        log = MetricsLog(loop.run_dir / "metrics.jsonl", start, loop.run_dir / "tensorboard" if loop.tensorboard else None)
     history: list[dict[str, Any]] = []
-    images_seen, t_last, done = 0, time.perf_counter(), start
-    graceful = ckpt_dir is not None and loop.stop_on_signal
-    stop_ctx = GracefulStop() if graceful else contextlib.nullcontext(GracefulStop())
-    with StepProgress(console, loop.steps, start, loop.label) as bar, stop_ctx as stop:
+    images_seen, t_last, done, stopping = 0, time.perf_counter(), start, False
+    stop_ctx = GracefulStop() if ckpt_dir is not None and loop.stop_on_signal else contextlib.nullcontext(GracefulStop())
+    with StepProgress(shown, loop.steps, start, loop.label) as bar, stop_ctx as stop, distributed.data_parallel(loop.world):
         for step, (images, labels) in enumerate(batches_fn(start), start):
             for group in opt.param_groups:
                 group["lr"] = lr_fn(step)
             gen = torch.Generator().manual_seed(loop.seed * 1_000_003 + step)
-            views = [v.to(dev, non_blocking=True) for v in model.views(images, gen)]
-            out = train_step(model, opt, views, labels.to(dev), loop.accum_steps, loop.grad_clip, loop.dtype)
-            images_seen += len(images)
+            views = distributed.rank_views(model, images, gen, loop.rank, loop.world, loop.accum_steps)
+            views = [v.to(dev, non_blocking=True) for v in views]
+            out = train_step(net, opt, views, labels.to(dev), loop.accum_steps, loop.grad_clip, loop.dtype)
+            images_seen += len(images) * loop.world
             done = step + 1
-            boundary = ckpt_dir is not None and (done % loop.checkpoint_every == 0 or stop.requested)
-            if done % loop.log_every == 0 or boundary or done == loop.steps:
-                scalars = {k: float(v) for k, v in out.items()}  # the only host sync
-                bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(scalars[k])), None)
-                if bad is not None:  # weights updated by non-finite gradients are never saved
-                    kept = f"the last good checkpoint stays in {ckpt_dir}" if ckpt_dir else "nothing was saved"
-                    raise NonFiniteLoss(f"{'loss' if bad == 'loss' else 'gradient norm'} became {scalars[bad]} "
-                                        f"at step {done}; {kept} (try a lower {loop.lr_key})")
+            scalars, stopping = distributed.agree(out, stop.requested, loop.world)  # several processes: one sync
+            boundary = ckpt_dir is not None and (done % loop.checkpoint_every == 0 or stopping)
+            logging = done % loop.log_every == 0 or boundary or done == loop.steps
+            if logging or scalars is not None:
+                scalars = scalars or {k: float(v) for k, v in out.items()}  # one process: the only host sync
+                check_finite(scalars, done, ckpt_dir, loop)
+            if logging:
                 now = time.perf_counter()
                 scalars["images_per_s"] = images_seen / max(now - t_last, 1e-9)
                 history.append({"step": done, "lr": lr_fn(step), **scalars})
@@ -143,37 +183,50 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
                 bar.update(done, {"loss": scalars["loss"], "img/s": scalars["images_per_s"]})
                 images_seen, t_last = 0, now
             if boundary or (ckpt_dir is not None and done == loop.steps):
-                state = {"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": done}
-                checkpoint.save(ckpt_dir, done, model, state, loop.meta, keep=loop.keep_checkpoints)
-            if stop.requested:
+                save(ckpt_dir, done, net, opt, loop)
+            if stopping:
                 break
     if log is not None:
         log.close()
-    return {"steps_done": done, "stopped": stop.requested, "history": history}
+    return {"steps_done": done, "stopped": stopping, "history": history}
 
 
 def pretrain(recipe: Recipe, run_dir: Path, data: ImageDataset, model: Objective,
              console: Console | None = None) -> dict[str, Any]:
     """Pretrain ``model`` on ``data`` (both from :func:`build.experiment`) into ``run_dir``,
-    resuming from its latest checkpoint if there is one. Returns a summary."""
+    resuming from its latest checkpoint if there is one. Returns a summary.
+
+    Under torchrun every rank calls it (after :func:`bigmodel.train.distributed.init`): each
+    trains on its rows of the global batch, with the settings of ``recipe.run`` applied by
+    :func:`bigmodel.train.distributed.wrap`. On return ``model`` is plain again and holds the
+    trained weights on every rank."""
     # imported here: build fills the registries, whose fine-tune protocol imports this module
     from bigmodel.train import build
 
     console = console or Console()
     cfg, run = recipe.optim, recipe.run
+    rank, world = distributed.rank(), distributed.world()
+    distributed.check(recipe, model)
     model.setup(data)
     dev = build.device(run)
-    model.to(dev).train()
-    opt = build.optimizer(model, cfg)
+    if not (world > 1 and run.strategy == "fsdp"):  # FSDP2 moves its shards there; the whole model stays
+        model.to(dev)
+    net = distributed.wrap(model.train(), run, dev, world)
+    if world > 1:
+        distributed.seed_rank(run.seed, rank)  # forward-time draws (MAE's masks) differ between ranks
+    opt = build.optimizer(distributed.unwrapped(net), cfg)
     dtype = build.autocast_dtype(run, dev)
     loop = Loop(steps=cfg.steps, seed=run.seed, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, dtype=dtype,
                 run_dir=run_dir, checkpoint_every=run.checkpoint_every, keep_checkpoints=run.keep_checkpoints,
-                log_every=run.log_every, tensorboard=run.tensorboard, meta={"recipe": recipe.raw, "num_classes": data.num_classes,
-                      "classes": list(getattr(data, "classes", None) or [])})  # the objective rebuilds without data
+                log_every=run.log_every, tensorboard=run.tensorboard, rank=rank, world=world,
+                meta={"recipe": recipe.raw, "num_classes": data.num_classes,  # the objective rebuilds without data
+                      "classes": list(getattr(data, "classes", None) or [])})
     out = fit(model, opt, lambda step: lr_at(step, cfg),
-              lambda start: build.batches(data, cfg.batch_size, run.seed, start, cfg.steps, run.num_workers),
-              loop, console)
-    if out["stopped"]:
+              lambda start: build.batches(data, cfg.batch_size, run.seed, start, cfg.steps, run.num_workers,
+                                          rank, world, cfg.accum_steps),
+              loop, console, net=net)
+    distributed.unwrap(net, model)
+    if out["stopped"] and rank == 0:
         console.print(f"stopped at step {out['steps_done']}; checkpoint saved, resume with --resume {run_dir}")
     return {"steps_done": out["steps_done"], "stopped": out["stopped"], "device": str(dev),
-            "precision": str(dtype or torch.float32).replace("torch.", "")}
+            "precision": str(dtype or torch.float32).replace("torch.", ""), "processes": world}

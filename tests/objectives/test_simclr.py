@@ -117,3 +117,68 @@ def test_forward_backward_step(arch):
     assert out["pos_top1"].item() == hits / 16
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
     assert all(p.grad is not None for p in obj.head.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: the negatives and the projection head's BatchNorm are those of the global batch
+
+
+def _global_batch() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A projection head (with BatchNorm) and backbone features of 4 images × 2 views."""
+    from bigmodel.objectives.simclr import ProjectionHead
+
+    torch.manual_seed(0)
+    head = ProjectionHead(6, 8, 5, batch_norm=True)
+    return head, torch.randn(2, 4, 6)  # (view, image, feature)
+
+
+def _loss_and_grads(head: torch.nn.Module, feats: torch.Tensor) -> tuple[float, list[torch.Tensor], torch.Tensor]:
+    """SimCLR.forward's computation on features: head over both views, gather, NT-Xent."""
+    from bigmodel.train import distributed
+
+    z1, z2 = head(torch.cat(list(feats))).chunk(2)
+    loss = nt_xent(distributed.gather(z1), distributed.gather(z2), 0.5)
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in head.parameters()], head[1].running_mean.clone()
+
+
+def _rank_half(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from bigmodel.train import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    head, feats = _global_batch()
+    with distributed.data_parallel(world):
+        loss, grads, running = _loss_and_grads(head, feats[:, 2 * rank: 2 * rank + 2])  # this rank's 2 images
+    for g in grads:  # what DDP does with the gradients
+        dist.all_reduce(g)
+        g /= world
+    torch.save({"loss": loss, "grads": grads, "running_mean": running}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_processes_see_the_loss_and_gradient_of_the_global_batch(tmp_path):
+    """Each of 2 processes holds 2 of the 4 images; with the projections gathered (with gradients)
+    and the BatchNorm statistics all-reduced, every rank's loss is the 1-process loss of the 4
+    images, and the DDP average of the gradients is its gradient."""
+    import torch.multiprocessing as mp
+
+    from tests.train.dist_cases import free_port
+
+    head, feats = _global_batch()
+    loss, grads, running = _loss_and_grads(head, feats)
+    mp.spawn(_rank_half, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["loss"] == pytest.approx(loss, rel=1e-6)
+        for a, b in zip(got["grads"], grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["running_mean"], running)
+    # without the gather a rank would contrast its own 2 images only: another loss
+    alone, _, _ = _loss_and_grads(_global_batch()[0], feats[:, :2])
+    assert abs(alone - loss) > 1e-2

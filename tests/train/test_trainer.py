@@ -134,7 +134,7 @@ def test_pretraining_goes_through_fit(tmp_path, monkeypatch):
 
     seen = []
 
-    def spy(model, opt, lr_fn, batches_fn, loop, console):
+    def spy(model, opt, lr_fn, batches_fn, loop, console, net=None):
         seen.append((loop.steps, loop.label, loop.run_dir, loop.meta["recipe"]["optim"]["steps"]))
         return {"steps_done": loop.steps, "stopped": False, "history": []}
 
