@@ -39,7 +39,7 @@ from bigmodel.recipe import (
     resolve_raw,
     validate,
 )
-from bigmodel.train import build, checkpoint
+from bigmodel.train import build, checkpoint, distributed
 from bigmodel.train.logging import GracefulStop
 from bigmodel.train.run_dir import open_run
 from bigmodel.train.trainer import pretrain
@@ -269,6 +269,7 @@ def run(recipe: Recipe, console: Console | None = None, transfer: bool = True) -
     t0 = time.perf_counter()
     try:
         data, model = build.experiment(recipe)
+        distributed.check(recipe, model)  # batch vs process count, activation checkpointing: before run.out is touched
         if transfer:
             suites.check(recipe.transfer)  # e.g. kNN k above the task's images: refused before pretraining
     except (ValueError, FileNotFoundError) as e:  # problems only building reveals, still before any write
@@ -279,6 +280,8 @@ def run(recipe: Recipe, console: Console | None = None, transfer: bool = True) -
 
 def _run_locked(recipe: Recipe, run_dir: Path, data: Any, model: Any, console: Console, transfer: bool,
                 t0: float) -> dict[str, Any]:
+    if not distributed.is_main():  # under torchrun only rank 0 prints, measures, transfers and reports (DESIGN §7)
+        console = Console(quiet=True)
     console.print(f"[bold]bigmodel run[/] → {run_dir}   {recipe.architecture.name} × {recipe.data.name} × "
                   f"{recipe.objective.name}   ({len(data)} training images)")
     skipped = getattr(data, "skipped", [])  # unreadable files a dataset left out (imagefolder)
@@ -287,6 +290,8 @@ def _run_locked(recipe: Recipe, run_dir: Path, data: Any, model: Any, console: C
                       + "; ".join(f"{p} ({r})" for p, r in skipped[:5]) + (" …" if len(skipped) > 5 else ""))
     summary = pretrain(recipe, run_dir, data, model, console)
     result: dict[str, Any] = {"recipe": recipe.raw, "pretrain": {**summary, "seconds": round(time.perf_counter() - t0, 1)}}
+    if not distributed.is_main():
+        return result
     ignored = getattr(data, "ignored", [])  # files that are not images by extension (imagefolder)
     if skipped or ignored:
         result["data"] = {"skipped": [{"path": p, "reason": r} for p, r in skipped], "ignored": list(ignored)}

@@ -93,7 +93,7 @@ def test_predict_from_a_finetuned_checkpoint(mnist, tmp_path, capsys):
     from bigmodel.transfer.finetune import Finetune
 
     net, _, recipe = api.load_backbone(mnist["run"])
-    net.architecture = recipe.raw["architecture"]  # the recipe section a backbone built from a recipe carries
+    assert net.architecture == {"name": recipe.architecture.name, **recipe.architecture.kwargs}  # build.backbone's
     train = npz.npz(str(mnist["npz"]), split="train")
     model, schedule = Finetune(steps=3, batch_size=32, checkpoint_dir=str(tmp_path / "ft")).fit(net, train)
     (folder,) = (tmp_path / "ft").iterdir()

@@ -21,7 +21,11 @@ def dataset(spec: Component, split: str) -> ImageDataset:
 
 
 def backbone(spec: Component) -> Backbone:
-    return ARCHITECTURES.build(spec.name, **spec.kwargs)
+    """The backbone of a recipe section; it keeps that section as ``architecture`` so that what is
+    made from it alone (a fine-tuned classifier's checkpoint, an export) can rebuild it."""
+    net = ARCHITECTURES.build(spec.name, **spec.kwargs)
+    net.architecture = {"name": spec.name, **spec.kwargs}
+    return net
 
 
 def objective(recipe: Recipe, net: Backbone, data: ImageDataset) -> Objective:
