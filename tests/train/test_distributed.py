@@ -193,3 +193,15 @@ def test_compile_and_activation_checkpointing_train_a_tiny_recipe(tmp_path: Path
         assert model.backbone._compiled_call_impl is None  # plain again after training (transfer, analysis)
     plain, compiled = losses.values()
     assert compiled == pytest.approx(plain, rel=1e-5)
+
+
+def test_under_torchrun_only_rank_zero_transfers_and_reports(tmp_path: Path):
+    """``bigmodel run`` on 2 processes: one banner, one transfer table, one report, both ranks exit 0."""
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+    p = subprocess.run([*torchrun, "-m", "bigmodel", "run", "quickstart", "run.tiny=true", "optim.steps=4",
+                        f"run.out={out}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert p.stdout.count("bigmodel run →") == p.stdout.count("report: ") == 1, p.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["pretrain"]["processes"] == 2 and report["pretrain"]["steps_done"] == 4
