@@ -25,6 +25,7 @@ from torch import nn
 
 from bigmodel.architectures.base import CAUSAL
 from bigmodel.architectures.sequence import Palette, SequenceModel
+from bigmodel.architectures.vit import Attention
 from bigmodel.registry import ARCHITECTURES
 
 # width, depth, heads: CPU-sized members of the family (iGPT-S is 512, 24, 8).
@@ -103,7 +104,7 @@ class IGPT(SequenceModel):
         self.token_embed = nn.Embedding(colours, width)
         self.start_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, image_size**2, width))
-        self.blocks = nn.ModuleList(Block(width, heads, qkv_bias=True) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, qkv_bias=True, attn_layer=Attention) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         for block in self.blocks:
             block.apply(init_weights_vit_timm)  # truncated normal(0.02) linears, as GPT-2 and timm

@@ -6,14 +6,22 @@ adds the backbone interface, the named sizes, the token-dropping path of masked 
 :mod:`bigmodel.architectures.moe`). Features are the tokens after the final norm; ``pool`` returns
 the class token (``global_pool: token``) or the mean of the patch tokens (``global_pool: avg``,
 as MAE uses for transfer).
+
+:class:`Attention` is timm's, except that on a CPU bf16 queries, keys and values are attended in
+fp32: PyTorch's CPU flash-attention kernel runs its backward 3-5x slower in bf16 than in fp32
+(torch 2.14; ViT-Tiny and ImageGPT shapes), which made bf16 autocast lose most of what its bf16
+matrix products win. Every transformer of the framework (ViT, the MAE decoder, ImageGPT) uses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
+from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import VisionTransformer
 
 from bigmodel.architectures.base import TOKENS, Backbone
@@ -29,6 +37,30 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
 }
+
+
+class Attention(TimmAttention):
+    """timm's multi-head self-attention (same parameters and state dict), attending in fp32 on a CPU
+    when the projections run in bf16 (see the module docstring); elsewhere exactly timm's."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """``(B, N, C)`` → ``(B, N, C)``."""
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x)
+        dtype = qkv.dtype
+        fp32 = qkv.device.type == "cpu" and dtype == torch.bfloat16
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():  # autocast would cast back
+            if fp32:
+                q, k, v = q.float(), k.float(), v.float()
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = self.norm(x.to(dtype).transpose(1, 2).reshape(b, n, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
 
 
 @ARCHITECTURES.register("vit")
@@ -67,7 +99,7 @@ class ViT(Backbone):
         self.vit = VisionTransformer(
             img_size=image_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
             embed_dim=width, depth=depth, num_heads=heads, drop_path_rate=drop_path,
-            global_pool="token",
+            global_pool="token", attn_layer=Attention,
         )
         self.feature_dim = width
         self.in_chans = in_chans

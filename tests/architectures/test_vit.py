@@ -44,3 +44,30 @@ def test_global_pool_token_or_average() -> None:
     torch.testing.assert_close(net(x), tokens[:, 0])
     net.global_pool = "avg"
     torch.testing.assert_close(net(x), tokens[:, 1:].mean(1))
+
+
+def test_attention_is_timms_and_attends_in_fp32_under_cpu_bf16_autocast(monkeypatch) -> None:
+    """Same parameters and outputs as timm's Attention (causal too); under CPU bf16 autocast the
+    projections run in bf16 but SDPA gets fp32 queries, keys and values (its bf16 backward is slow)."""
+    import torch.nn.functional as F
+    from timm.layers import Attention as TimmAttention
+
+    from bigmodel.architectures.vit import Attention
+
+    torch.manual_seed(0)
+    ours, ref = Attention(32, num_heads=4, qkv_bias=True), TimmAttention(32, num_heads=4, qkv_bias=True)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    for causal in (False, True):
+        torch.testing.assert_close(ours(x, is_causal=causal), ref(x, is_causal=causal), rtol=0, atol=0)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or sdpa(q, k, v, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x, is_causal=True)
+    assert seen == [torch.float32] and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref(x, is_causal=True), rtol=0.05, atol=0.05)
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    net = ViT(size="nano", image_size=16, patch_size=4)
+    assert all(type(b.attn) is Attention for b in net.vit.blocks)
