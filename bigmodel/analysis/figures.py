@@ -27,6 +27,7 @@ BUILDERS = ("attention", "gradcam", "reconstruction", "completions", "expert_loa
 SAMPLES = 8  # test images shown by the model builders
 PROBE_TRAIN, PROBE_TEST = 2000, 1000  # images of the confusion-matrix probe
 TSNE_IMAGES = 500
+TSNE_IMAGES_TINY = 150  # run.tiny: a map that draws in well under a second (the test suite draws many)
 
 
 def load_objective(run_dir: Path) -> tuple[Any, Path, Any]:
@@ -125,7 +126,7 @@ def make_all(run_dir: Path, console: Console | None = None) -> list[Path]:
         name, train, test = task
         with torch.no_grad():
             written.append(confusion.make(model.backbone, train, test, out, task=name, classes=test.classes)[0])
-            few = _subset(test, TSNE_IMAGES)
+            few = _subset(test, TSNE_IMAGES_TINY if recipe.run.tiny else TSNE_IMAGES)
             twin = build.random_twin(recipe, pretrained=model.backbone).to(next(model.parameters()).device).eval()
             written.append(embedding.make({"pretrained": model.backbone, "random init": twin}, few, out, task=name)[0])
         written += model_figures(model, test.images[:SAMPLES], test.targets[:SAMPLES], out, console)
