@@ -50,7 +50,9 @@ class Attention(TimmAttention):
         qkv = self.qkv(x)
         dtype = qkv.dtype
         fp32 = qkv.device.type == "cpu" and dtype == torch.bfloat16
-        q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # (B, H, N, d) views of one (B, N, 3, H, d) buffer: their gradients are stacked straight into
+        # qkv's layout (timm's permute-then-unbind needs a copy more in the backward pass)
+        q, k, v = (t.transpose(1, 2) for t in qkv.reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2))
         q, k = self.q_norm(q), self.k_norm(k)
         with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():  # autocast would cast back
             if fp32:
