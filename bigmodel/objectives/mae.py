@@ -1,7 +1,7 @@
 """Masked autoencoders (He et al., 2022, "Masked Autoencoders Are Scalable Vision Learners").
 
-Each image keeps a random subset of its patches (a fresh per-sample permutation from the global
-torch RNG, which checkpoints save and restore); the backbone encodes only those
+Each image keeps a random subset of its patches (a fresh per-sample permutation, drawn with the
+step's views from the step's generator, so that several processes mask as one does); the backbone encodes only those
 (:meth:`ViT.forward_visible`); a light transformer decoder (its own width, fixed 2-D sin-cos
 position embeddings, a learned mask token for every dropped patch) predicts the pixels of every
 patch, and the loss is the mean squared error over the masked patches only — optionally against
@@ -89,19 +89,24 @@ class MAE(Objective):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """The images (cropped/flipped if asked) and each image's mask noise ``(B, N)``, both drawn
+        from the step's generator: a process that trains some rows of the global batch masks them as
+        one process training all of it does (see :mod:`bigmodel.train.distributed`)."""
         x = self.to_input(images)
         if self.crop_pad or self.flip:
             x = random_crop_flip(x, generator, pad=self.crop_pad, flip=self.flip)
-        return [x]
+        return [x, torch.rand(len(images), self.num_patches, generator=generator)]
 
-    def random_mask(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-sample random masking (global RNG).
+    def random_mask(self, batch: int, device: torch.device,
+                    noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample random masking: the ``num_visible`` patches of lowest ``noise`` ``(B, N)`` are
+        kept (noise from the global RNG when not given).
 
         Returns:
             ids_keep ``(B, K)`` visible patch indices, ids_restore ``(B, N)`` (position of each patch
             in the kept-then-masked order), mask ``(B, N)`` float, 1 where a patch is masked.
         """
-        noise = torch.rand(batch, self.num_patches, device=device)
+        noise = torch.rand(batch, self.num_patches, device=device) if noise is None else noise.to(device)
         ids_shuffle = noise.argsort(1)
         ids_restore = ids_shuffle.argsort(1)
         mask = (ids_restore >= self.num_visible).float()
@@ -131,9 +136,10 @@ class MAE(Objective):
         return (err * mask).sum() / mask.sum()
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """views: ``[(B, C, H, W)]`` → ``{"loss"}``; labels are ignored."""
-        x = views[0]
-        ids_keep, ids_restore, mask = self.random_mask(len(x), x.device)
+        """views: ``[(B, C, H, W), mask noise (B, N)]`` (as :meth:`views` makes them; without the
+        noise, masks come from the global RNG) → ``{"loss"}``; labels are ignored."""
+        x, noise = views[0], (views[1] if len(views) > 1 else None)
+        ids_keep, ids_restore, mask = self.random_mask(len(x), x.device, noise)
         pred = self.decode(self.backbone.forward_visible(x, ids_keep), ids_restore)
         return {"loss": self.loss(x, pred, mask)}
 

@@ -35,16 +35,21 @@ def test_exactly_the_requested_visible_tokens_per_sample(ratio: float, visible: 
     seen = []
     real = obj.backbone.forward_visible
     obj.backbone.forward_visible = lambda x, ids: seen.append(ids.shape) or real(x, ids)
-    obj([torch.randn(5, 1, 16, 16)], torch.full((5,), -1))
+    obj([torch.randn(5, 1, 16, 16), torch.rand(5, 16)], torch.full((5,), -1))
     assert seen == [(5, visible)]  # the encoder ran on exactly those tokens
 
 
-def test_masking_uses_the_global_rng() -> None:
+def test_masks_come_from_the_steps_generator() -> None:
+    """The mask noise is a view drawn from the step's generator (so every process of a distributed
+    run masks its rows as one process does); the forward pass keeps the lowest-noise patches."""
     obj = _mae()
-    torch.manual_seed(3)
-    a = obj.random_mask(2, torch.device("cpu"))[0]
-    torch.manual_seed(3)
-    torch.testing.assert_close(obj.random_mask(2, torch.device("cpu"))[0], a)
+    images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
+    x, noise = obj.views(images, torch.Generator().manual_seed(3))
+    x2, noise2 = obj.views(images, torch.Generator().manual_seed(3))
+    assert torch.equal(noise, noise2) and noise.shape == (3, 16)
+    assert not torch.equal(noise, obj.views(images, torch.Generator().manual_seed(4))[1])
+    ids_keep = obj.random_mask(3, x.device, noise)[0]
+    assert torch.equal(ids_keep, noise.argsort(1)[:, :obj.num_visible])
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])

@@ -34,10 +34,11 @@ IGPT_ABOVE_FEATURES = tuple(f"blocks.{i}.{p}" for i in (2, 3) for p in (
     "norm.weight", "norm.bias")
 # Backbone parameters the step leaves without gradient. iGPT's features are its middle block's, so a
 # non-autoregressive objective never reaches the blocks above; MAE on the 2-expert MoE sends the 16
-# tokens of this batch (8 images × 1 visible patch + class token) all to expert 1 of block 1.
+# tokens of this batch (8 images × 1 visible patch + class token; masks from the step's generator,
+# seed 0) all to expert 0 of block 2.
 NO_GRAD = {
     ("igpt", "supervised"): IGPT_ABOVE_FEATURES,
-    ("vit-moe", "mae"): tuple(f"vit.blocks.1.mlp.experts.0.{p}" for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")),
+    ("vit-moe", "mae"): tuple(f"vit.blocks.2.mlp.experts.1.{p}" for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")),
 }
 
 

@@ -20,7 +20,6 @@ from rich.console import Console
 from torch.nn.modules.module import register_module_forward_hook
 
 from bigmodel.objectives.base import Objective
-from bigmodel.objectives.mae import MAE
 from bigmodel.recipe import Recipe, validate
 from bigmodel.train import build, checkpoint, distributed
 from bigmodel.train.run_dir import open_run
@@ -54,24 +53,6 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
-class ViewMaskedMAE(MAE):
-    """MAE with its per-image mask noise drawn in :meth:`views` from the step's generator (a second
-    view) instead of from the global RNG in ``forward``: the masks of one process and of several
-    are then the same, as the crops are. (With the global RNG a rank draws its own masks, equally
-    distributed but not those of one process.)"""
-
-    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        return [*super().views(images, generator), torch.rand(len(images), self.num_patches, generator=generator)]
-
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        x, noise = views
-        ids_shuffle = noise.argsort(1)
-        ids_restore = ids_shuffle.argsort(1)
-        mask = (ids_restore >= self.num_visible).float()
-        pred = self.decode(self.backbone.forward_visible(x, ids_shuffle[:, : self.num_visible]), ids_restore)
-        return {"loss": self.loss(x, pred, mask)}
-
-
 def recipe(case: str, out: Path, **run: Any) -> Recipe:
     spec = CASES[case]
     return validate({"architecture": VIT, "data": DATA, "objective": spec["objective"],
@@ -83,9 +64,6 @@ def train(case: str, out: Path, **run: Any) -> dict[str, Any]:
     does, in one process or in every rank of a group."""
     r = recipe(case, out, **run)
     data, model = build.experiment(r)
-    if case == "mae":
-        torch.manual_seed(r.run.seed)
-        model = ViewMaskedMAE(backbone=build.backbone(r.architecture), **r.objective.kwargs)
     with open_run(r, Console(quiet=True)) as run_dir:
         return pretrain(r, run_dir, data, model, Console(quiet=True))
 
