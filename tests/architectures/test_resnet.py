@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.layers import StdConv2d
+from timm.layers import StdConv2d as TimmStdConv2d
 from torch import nn
 
-from bigmodel.architectures.resnet import ResNet
+from bigmodel.architectures.resnet import ResNet, StdConv2d
 
 
 @pytest.mark.parametrize("depth", [18, 26, 50])
@@ -130,3 +130,25 @@ def test_a_zero_branch_takes_full_scale_at_the_first_update():
     w = conv.weight.detach().flatten(1)
     standardised = (w - w.mean(1, keepdim=True)) / (w.var(1, unbiased=False, keepdim=True) + 1e-8).sqrt()
     torch.testing.assert_close(standardised.var(1, unbiased=False), torch.ones(len(w)), atol=1e-4, rtol=0)
+
+
+def test_std_conv_is_timms_up_to_float_rounding():
+    """While training, bigmodel's StdConv2d standardises with layer_norm (faster on a CPU) what timm's
+    does with batch_norm: the same outputs and gradients to float rounding, the same state dict; in
+    evaluation exactly timm's; an all-zero weight (zero_init_last) convolves as zero."""
+    torch.manual_seed(0)
+    for out_ch, in_ch, k in ((64, 3, 3), (256, 64, 1), (32, 16, 3)):
+        ours, ref = StdConv2d(in_ch, out_ch, kernel_size=k, eps=1e-8), TimmStdConv2d(in_ch, out_ch, kernel_size=k, eps=1e-8)
+        assert isinstance(ours, TimmStdConv2d) and ours.state_dict().keys() == ref.state_dict().keys()
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(2, in_ch, 8, 8)
+        y, y_ref = ours(x), ref(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        g_ref = ref.weight.grad
+        torch.testing.assert_close(ours.weight.grad, g_ref, rtol=1e-4, atol=1e-5 * g_ref.abs().max().item())
+        assert torch.equal(ours.eval()(x), ref.eval()(x))
+        with torch.no_grad():
+            ours.weight.zero_()
+        assert torch.equal(ours.train()(x), torch.zeros_like(y))
