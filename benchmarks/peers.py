@@ -8,16 +8,18 @@ Each row runs bigmodel's own step — the objective's views (augmentation includ
 batch, its forward and loss, backward, gradient clipping, the optimizer of ``build.optimizer``, all
 through ``trainer.train_step`` as ``bigmodel run`` does — and the peer's usual step on the same
 configuration (synthetic data, 2 threads). Precisions: ``fp32`` and ``bf16`` (autocast) on both
-sides, and ``auto``: bigmodel's ``run.precision=auto`` — its choice measured for the model and the
-batch by :func:`bigmodel.train.precision.autocast_dtype`, and recorded — against the peer's default,
-fp32. Every measurement is a fresh process (``--worker``), ours
-and the peer's in turn, the order swapped every round; a process warms up, then times single steps
-and reports their median. Per side and round it records images/s, the peak RSS of the process (and
-its RSS after imports, before building), the FLOPs of one forward + backward
-(:mod:`bigmodel.analysis.flops`: torch's FlopCounterMode plus the CPU SDPA kernels it misses), the
-achieved GFLOP/s and their share of this machine's fp32 matmul rate (a 2048² product on 2 threads,
-measured by the parent process at the start of every round; bf16's too). The ratio is ours / peer
-per round; the table shows its median over rounds.
+sides, and ``auto``: bigmodel's ``run.precision=auto`` (its choice, measured for the model and the
+batch by :func:`bigmodel.train.precision.autocast_dtype`, is recorded) against the peer's default,
+fp32. Every measurement is a fresh process (``--worker``), ours and the peer's in turn, the order
+swapped every round; a process warms up, then times single steps and reports their median.
+
+Per side and round it records images/s; the peak RSS of the process, and its RSS before the side's
+imports and after building (``peak - built`` is what the step adds; the two sides' imports differ
+by tens of MB); the FLOPs of one forward + backward (:mod:`bigmodel.analysis.flops`: torch's
+FlopCounterMode plus the CPU SDPA kernels it misses, counted once per row and side), the achieved
+GFLOP/s and their share of this machine's fp32 (and bf16) matmul rate, a 2048² product on the same
+threads measured by the parent process at the start of every round. The ratio is ours / peer per
+round; the table shows its median over rounds.
 
 The data-path rows time ``bigmodel run``'s own loop (``trainer.pretrain``: batches from the npz in
 memory, views, step, logging) against the step alone on views made beforehand: the loop's overhead
@@ -365,7 +367,17 @@ SIDES: dict[str, tuple[Callable, Callable]] = {
 
 
 def _rss_mb() -> float:
+    """The process's RSS high-water mark, MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _rss_now_mb() -> float:
+    """The process's current RSS, MB (the high-water mark where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return _rss_mb()
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -379,6 +391,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         ours, peer = SIDES[spec["row"]]
         bench = (ours if spec["side"] == "ours" else peer)(c, spec["precision"])
+    built = _rss_now_mb()
     times = []
     for i in range(warmup + steps):
         t = time.perf_counter()
@@ -389,7 +402,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     peak = _rss_mb()
     step_s = statistics.median(times[warmup:])
     out = {"images_per_s": bench.images / step_s, "step_s": step_s, "steps": len(times) - warmup,
-           "peak_rss_mb": peak, "base_rss_mb": base, "autocast": bench.autocast}
+           "peak_rss_mb": peak, "base_rss_mb": base, "built_rss_mb": built, "autocast": bench.autocast}
     if spec["flops"]:
         out["gflop_per_step"] = bench.flops() / 1e9
     return out
@@ -456,8 +469,8 @@ def table(result: dict[str, Any]) -> str:
              f"fp32 {rate['fp32']:.0f} GFLOP/s, bf16 {rate['bf16']:.0f} GFLOP/s (median of the rounds). "
              f"Load average {m['load_before']} before, {m['load_after']} after.", "",
              "| row | precision (ours / peer) | ours img/s | peer img/s | ratio (rounds) | target "
-             "| ours GFLOP/s (% fp32 matmul) | peer GFLOP/s (%) | peak RSS MB ours / peer |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| ours GFLOP/s (% fp32 matmul) | peer GFLOP/s (%) | peak RSS MB ours / peer | of it the step's |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         o, p = r["ours"], r["peer"]
         rounds = ", ".join(f"{x:.2f}" for x in r["ratio_per_round"])
@@ -466,7 +479,8 @@ def table(result: dict[str, Any]) -> str:
                      f"**{r['ratio']:.2f}×** ({rounds}) | {r['target']} {'✓' if r['met'] else '✗'} | "
                      f"{o['gflops']:.0f} ({100 * o['matmul_share_fp32']:.0f}%) | "
                      f"{p['gflops']:.0f} ({100 * p['matmul_share_fp32']:.0f}%) | "
-                     f"{o['peak_rss_mb']:.0f} / {p['peak_rss_mb']:.0f} |")
+                     f"{o['peak_rss_mb']:.0f} / {p['peak_rss_mb']:.0f} | "
+                     f"{o['peak_rss_mb'] - o['built_rss_mb']:.0f} / {p['peak_rss_mb'] - p['built_rss_mb']:.0f} |")
     lines += ["", "| row | configuration | peer |", "|---|---|---|"]
     lines += [f"| {ROWS[n].title} | {ROWS[n].config} | {ROWS[n].peer} |" for n in result["settings"]["rows"]]
     return "\n".join(lines)

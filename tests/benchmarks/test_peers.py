@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SIDE_KEYS = {"images_per_s", "step_s", "steps", "peak_rss_mb", "base_rss_mb", "autocast", "gflop_per_step", "gflops",
+SIDE_KEYS = {"images_per_s", "step_s", "steps", "peak_rss_mb", "base_rss_mb", "built_rss_mb", "autocast", "gflop_per_step", "gflops",
              "matmul_share_fp32", "matmul_share_bf16"}
 
 
