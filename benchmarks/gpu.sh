@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # bigmodel on one GPU: MAE ViT-B/16 and supervised ViT-B/16 at 224 px, bf16 autocast + torch.compile,
 # through the trainer's own code (build.optimizer, distributed.wrap for run.compile, trainer.train_step).
-# Prints and writes images/s and MFU (model FLOPs of forward + backward, counted by
-# bigmodel.analysis.flops, against the GPU's dense bf16 peak) to benchmarks/results/gpu.json.
+# Prints and writes images/s and MFU of the training step (model FLOPs of forward + backward, counted
+# by bigmodel.analysis.flops, against the GPU's dense bf16 peak) to benchmarks/results/gpu.json, and
+# the host's time to make one batch's views (the trainer augments on the host before each step: when
+# it exceeds the step, a run is host-bound).
 #
 #   benchmarks/gpu.sh                         # a CUDA machine: within 8 minutes (compilation included)
 #   benchmarks/gpu.sh --peak-tflops 989       # a GPU missing from the table of peaks below
 #   benchmarks/gpu.sh --tiny                  # tiny sizes on the CPU, seconds (the test; no inductor build)
 #
-# Options: --steps N (timed, default 20), --warmup N (default 5; compilation happens there),
+# Options: --steps N (timed, default 50), --warmup N (default 10; compilation happens there),
 # --batch B (default 256), --no-compile, --out FILE. Python: $PYTHON, else .venv/bin/python, else python3.
 # Installs nothing unless an import bigmodel needs is missing, and then only the missing packages.
 set -euo pipefail
@@ -55,8 +57,8 @@ PEAKS = {"B200": 2250, "H200": 989, "H100 NVL": 835, "H100 PCIe": 756, "H100": 9
 
 p = argparse.ArgumentParser()
 p.add_argument("--tiny", action="store_true")
-p.add_argument("--steps", type=int, default=20)
-p.add_argument("--warmup", type=int, default=5)
+p.add_argument("--steps", type=int, default=50)
+p.add_argument("--warmup", type=int, default=10)
 p.add_argument("--batch", type=int, default=256)
 p.add_argument("--no-compile", action="store_true")
 p.add_argument("--peak-tflops", type=float)
@@ -105,34 +107,39 @@ for row, (arch, objective) in ROWS.items():
     views = [v.to(dev) for v in model.views(images, torch.Generator().manual_seed(0))]
     n = min(args.batch, 8)  # FLOPs are linear in the batch: counted on a slice, eagerly
     gflop = flops.train_step_flops(model, [v[:n] for v in views], labels[:n]) / 1e9 * args.batch / n
+    t0 = time.perf_counter()
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
 
-    t0 = time.perf_counter()
-    for i in range(args.warmup):
-        train_step(net, opt, [v.to(dev) for v in model.views(images, torch.Generator().manual_seed(i))], labels,
-                   grad_clip=recipe.optim.grad_clip, dtype=dtype)
+    for i in range(args.warmup):  # compilation happens here
+        train_step(net, opt, views, labels, grad_clip=recipe.optim.grad_clip, dtype=dtype)
     sync()
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for i in range(args.steps):  # views made on the host each step, as the trainer does
-        train_step(net, opt, [v.to(dev, non_blocking=True) for v in model.views(images, torch.Generator().manual_seed(i))],
-                   labels, grad_clip=recipe.optim.grad_clip, dtype=dtype)
+    for _ in range(args.steps):  # the device's work: the step on views already there
+        train_step(net, opt, views, labels, grad_clip=recipe.optim.grad_clip, dtype=dtype)
     sync()
     step_s = (time.perf_counter() - t0) / args.steps
+    t0 = time.perf_counter()
+    for i in range(3):  # the host's work per step in the trainer: a batch's views (augmentation) and the copy
+        [v.to(dev, non_blocking=True) for v in model.views(images, torch.Generator().manual_seed(i))]
+    sync()
+    views_s = (time.perf_counter() - t0) / 3
     tflops = gflop / step_s / 1e3
     figures = {"images_per_s": round(args.batch / step_s, 1), "step_s": round(step_s, 4),
                "gflop_per_step": round(gflop, 1), "tflops": round(tflops, 2),
                "mfu": round(tflops / peak, 4) if peak else None, "warmup_s": round(warm_s, 1),
+               "host_views_s": round(views_s, 4),
                "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if cuda else None,
                "autocast": str(dtype).removeprefix("torch.")}
     result["rows"][row] = figures
     out.write_text(json.dumps(result, indent=1) + "\n")
     mfu = f"MFU {100 * figures['mfu']:.1f}% of {peak} TFLOP/s" if peak else "MFU unknown (pass --peak-tflops)"
     print(f"{row:<20} {name}: {figures['images_per_s']:8.1f} img/s, {tflops:7.2f} TFLOP/s, {mfu} "
-          f"(batch {args.batch}, bf16, compile {'off' if args.no_compile else 'on'}, warm-up {warm_s:.0f} s)",
+          f"(batch {args.batch}, bf16, compile {'off' if args.no_compile else 'on'}, warm-up {warm_s:.0f} s; "
+          f"the host makes a batch's views in {views_s:.3f} s)",
           flush=True)
     distributed.unwrap(net, model)
     del model, net, opt
