@@ -40,8 +40,8 @@ SIZES: dict[str, tuple[int, int, int]] = {
 
 
 class Attention(TimmAttention):
-    """timm's multi-head self-attention (same parameters and state dict), attending in fp32 on a CPU
-    when the projections run in bf16 (see the module docstring); elsewhere exactly timm's."""
+    """timm's multi-head self-attention (same parameters and state dict, the same outputs to the bit),
+    attending in fp32 on a CPU when the projections run in bf16 (see the module docstring)."""
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """``(B, N, C)`` → ``(B, N, C)``."""
@@ -57,6 +57,8 @@ class Attention(TimmAttention):
         with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():  # autocast would cast back
             if fp32:
                 q, k, v = q.float(), k.float(), v.float()
+                if attn_mask is not None and attn_mask.is_floating_point():
+                    attn_mask = attn_mask.float()
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                dropout_p=self.attn_drop.p if self.training else 0.0)
         x = self.norm(x.to(dtype).transpose(1, 2).reshape(b, n, self.attn_dim))
