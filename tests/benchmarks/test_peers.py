@@ -8,6 +8,7 @@ their median, the achieved GFLOP/s the counted FLOPs over the recorded step time
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,7 +27,8 @@ def test_peers_tiny_run_records_both_sides_and_their_ratio(tmp_path) -> None:
     out = tmp_path / "peers"
     proc = subprocess.run([sys.executable, "benchmarks/peers.py", "--tiny", "--rows", "vit", "--precisions", "auto",
                            "--rounds", "2", "--steps", "1", "--warmup", "1", "--threads", "1", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "BIGMODEL_CACHE": str(tmp_path / "cache")})  # auto's choice cached here
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
     assert {"machine", "settings", "matmul_gflops", "matmul_gflops_per_round", "rows"} <= result.keys()
@@ -49,6 +51,7 @@ def test_peers_tiny_run_records_both_sides_and_their_ratio(tmp_path) -> None:
         assert row["ours"]["gflop_per_step"] == pytest.approx(row["peer"]["gflop_per_step"], rel=0.05)  # same model
     auto, = rows  # ours: the measured choice of run.precision=auto; the peer: its default, fp32
     assert auto["peer"]["autocast"] == "fp32" and auto["ours"]["autocast"] in ("fp32", "bf16")
+    assert (tmp_path / "cache" / "precision.json").is_file()
     table = out.with_suffix(".md").read_text()
     assert f"| supervised ViT | auto: {auto['ours']['autocast']} / fp32 |" in table and f"{auto['ratio']:.2f}×" in table
 
