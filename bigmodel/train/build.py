@@ -57,7 +57,12 @@ def optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
+    # fused: one kernel over all parameters (ResNet-50's step 34 → 10 ms on 2 CPU threads); FSDP2's
+    # sharded DTensor parameters take the foreach path
+    from torch.distributed.tensor import DTensor
+
+    fused = all(p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **({"fused": True} if fused else {"foreach": True}))
 
 
 def device(run: RunConfig) -> torch.device:

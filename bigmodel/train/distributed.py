@@ -303,7 +303,7 @@ def shard(model: nn.Module, mesh: Any = None) -> nn.Module:
 
 def wrap(model: nn.Module, run: Any, dev: torch.device, world_: int) -> nn.Module:
     """The module a training step runs: ``model`` (an objective) with activation checkpointing
-    (``run.activation_checkpointing``), its backbone compiled (``run.compile``) and, with several
+    (``run.activation_checkpointing``), its blocks compiled (``run.compile``) and, with several
     processes, wrapped by DDP or sharded by FSDP2 (``run.strategy``).
 
     DDP and one process train ``model``'s own parameters. FSDP2 shards a copy (``fully_shard``
@@ -312,8 +312,9 @@ def wrap(model: nn.Module, run: Any, dev: torch.device, world_: int) -> nn.Modul
     net = copy.deepcopy(model) if world_ > 1 and run.strategy == "fsdp" else model
     if run.activation_checkpointing:
         checkpoint_blocks(net)
-    if run.compile:
-        net.backbone.compile(backend=COMPILE_BACKEND)  # in place: parameter names are unchanged
+    if run.compile:  # each block (the backbone's and a decoder's: every path a step takes, MAE's
+        for m in blocks(net) or [net.backbone]:  # forward_visible included), else the whole backbone
+            m.compile(backend=COMPILE_BACKEND)  # in place: parameter names are unchanged
     if world_ == 1:
         return net
     if run.strategy == "fsdp":
@@ -350,5 +351,6 @@ def unwrap(net: nn.Module, model: nn.Module) -> None:
         return
     for block in blocks(model):
         block.__dict__.pop("forward", None)  # the class's forward again
-    if getattr(model, "backbone", None) is not None:
-        model.backbone._compiled_call_impl = None  # what nn.Module.compile set
+    for m in [*blocks(model), getattr(model, "backbone", None)]:
+        if m is not None:
+            m._compiled_call_impl = None  # what nn.Module.compile set

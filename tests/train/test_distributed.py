@@ -179,10 +179,13 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_compile_and_activation_checkpointing_train_a_tiny_recipe(tmp_path: Path, monkeypatch):
-    """run.compile=true compiles the backbone (here with the aot_eager backend: inductor's C++
+    """run.compile=true compiles every block (here with the aot_eager backend: inductor's C++
     build takes minutes on a small CPU; the tracing and the autograd graph are the same), with
     activation checkpointing on top; the losses are those of the plain run."""
     monkeypatch.setattr(distributed, "COMPILE_BACKEND", "aot_eager")
+    compiled_modules = []
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled_modules.append(self) or real_compile(self, **kw))
     losses = {}
     for flags in ((), ("run.compile=true", "run.activation_checkpointing=true")):
         recipe = resolve("quickstart", ["run.tiny=true", "run.precision=fp32", "optim.steps=3", "run.log_every=1",
@@ -190,7 +193,8 @@ def test_compile_and_activation_checkpointing_train_a_tiny_recipe(tmp_path: Path
         data, model = build.experiment(recipe)
         pretrain(recipe, Path(recipe.run.out), data, model, Console(quiet=True))
         losses[flags] = [json.loads(ln)["loss"] for ln in (Path(recipe.run.out) / "metrics.jsonl").read_text().splitlines()]
-        assert model.backbone._compiled_call_impl is None  # plain again after training (transfer, analysis)
+        assert all(m._compiled_call_impl is None for m in compiled_modules)  # plain again (transfer, analysis)
+    assert compiled_modules == distributed.blocks(model) and len(compiled_modules) == 4  # the tiny ViT's blocks
     plain, compiled = losses.values()
     assert compiled == pytest.approx(plain, rel=1e-5)
 
