@@ -7,27 +7,13 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from rich.console import Console
-from torch import nn
 
 from bigmodel.train.trainer import Loop, fit
+from tests.train.test_trainer import Toy
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
                                         reason="the tensorboard extra is not installed")
-
-
-class Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(4, 3)
-
-    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        return [images.float().flatten(1) / 255]
-
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"loss": F.cross_entropy(self.lin(views[0]), labels)}
 
 
 def batches(start: int, die_at: int | None = None):
