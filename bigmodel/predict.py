@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bigmodel.data.imagefolder import centre_square
 from bigmodel.export import Loaded, load
 from bigmodel.recipe import RecipeError
 
@@ -48,10 +49,7 @@ def read_image(path: str | Path, channels: int) -> torch.Tensor:
     except Exception as e:  # noqa: BLE001  (PIL raises many kinds: UnidentifiedImageError, OSError, ...)
         why = f"{type(e).__name__}: {e}".replace(str(path), "<file>")
         raise RecipeError(f"predict: {path} is not an image PIL can read ({why})") from None
-    w, h = im.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    a = np.asarray(im.crop((left, top, left + s, top + s)))
+    a = np.asarray(centre_square(im))  # as an imagefolder cuts its images
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     return torch.from_numpy(a.copy())  # PIL's buffer is read-only
 

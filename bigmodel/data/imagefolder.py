@@ -80,15 +80,20 @@ def _decode(path: Path, mode: str, size: int | None) -> np.ndarray:
     with Image.open(path) as im:
         im.load()  # decodes the whole file: truncated data raises here
         im = im.convert(mode)
-    if size is not None:
-        w, h = im.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-    return np.asarray(im)
+    return np.asarray(centre_square(im, size) if size is not None else im)
+
+
+def centre_square(im: Image.Image, size: int | None = None) -> Image.Image:
+    """The centre square of a PIL image, after resizing its shorter side to ``size`` (bicubic,
+    antialiased; the aspect ratio kept); without ``size``, the square of the shorter side as it is."""
+    w, h = im.size
+    size = size or min(w, h)
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
 
 
 def _try_decode(path: Path, mode: str, size: int | None) -> np.ndarray | str:
