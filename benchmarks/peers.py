@@ -8,9 +8,8 @@ Each row runs bigmodel's own step — the objective's views (augmentation includ
 batch, its forward and loss, backward, gradient clipping, the optimizer of ``build.optimizer``, all
 through ``trainer.train_step`` as ``bigmodel run`` does — and the peer's usual step on the same
 configuration (synthetic data, 2 threads). Precisions: ``fp32`` and ``bf16`` (autocast) on both
-sides, and ``auto``: bigmodel's ``run.precision=auto`` (its choice, measured for the model and the
-batch by :func:`bigmodel.train.precision.autocast_dtype`, is recorded) against the peer's default,
-fp32. Every measurement is a fresh process (``--worker``), ours and the peer's in turn, the order
+sides, and ``auto``: bigmodel's ``run.precision=auto`` (its choice, the trainer's
+:func:`bigmodel.train.precision.autocast_dtype`, is recorded) against the peer's default, fp32. Every measurement is a fresh process (``--worker``), ours and the peer's in turn, the order
 swapped every round; a process warms up, then times single steps and reports their median.
 
 Per side and round it records images/s; the peak RSS of the process, and its RSS before the side's
@@ -132,9 +131,7 @@ def _ours(architecture: dict, objective: dict, batch: int, precision: str, chans
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, chans, side, side), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, classes, (batch,), generator=g)
-    # auto: measured for this model and batch, as the trainer does when it passes them
-    views = model.views(images, torch.Generator().manual_seed(0))
-    dtype = autocast_dtype(precision, torch.device("cpu"), model, views, labels)
+    dtype = autocast_dtype(precision, torch.device("cpu"))  # auto: the trainer's own choice
 
     def step(i: int) -> None:
         views = model.views(images, torch.Generator().manual_seed(i))
