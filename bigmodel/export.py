@@ -395,15 +395,14 @@ class DenseMoE(nn.Module):
 
     def __init__(self, moe: nn.Module):
         super().__init__()
-        self.router, self.experts, self.top_k = moe.router, moe.experts, moe.cfg.top_k
+        self.moe = moe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, D) → (B, N, D)``."""
         tokens = x.reshape(-1, x.shape[-1])
-        probs = self.router(tokens).float().softmax(-1)  # (S, E)
-        gate, expert = probs.topk(self.top_k, dim=-1)
+        probs, gate, expert = self.moe.choose(tokens)  # the MoE's own routing rule
         combine = torch.zeros_like(probs).scatter(-1, expert, gate).to(tokens.dtype)  # (S, E), top_k nonzero
-        out = torch.stack([mlp(tokens) for mlp in self.experts], 1)  # (S, E, D)
+        out = torch.stack([mlp(tokens) for mlp in self.moe.experts], 1)  # (S, E, D)
         return (out * combine[..., None]).sum(1).view_as(x)
 
 

@@ -83,10 +83,16 @@ class MoEMlp(AuxLossSource):
     def capacity(self, num_tokens: int) -> int:
         return max(1, math.ceil(self.cfg.capacity_factor * self.cfg.top_k * num_tokens / self.cfg.experts))
 
+    def choose(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The router's probabilities ``(S, E)`` of ``(S, D)`` tokens, and each token's ``top_k``
+        gates and experts ``(S, k)``: the routing rule, which every path (and the export) shares."""
+        probs = self.router(tokens).float().softmax(-1)
+        gate, expert = probs.topk(self.cfg.top_k, dim=-1)
+        return probs, gate, expert
+
     def route(self, tokens: torch.Tensor) -> Routing:
         """Top-k routing of ``(S, D)`` tokens with per-expert capacity."""
-        probs = self.router(tokens).float().softmax(-1)  # (S, E)
-        gate, expert = probs.topk(self.cfg.top_k, dim=-1)  # (S, k)
+        probs, gate, expert = self.choose(tokens)
         cap = self.capacity(len(tokens))
         # Position of each choice in its expert's queue, ranks first then tokens: (k, S) order.
         onehot = F.one_hot(expert.T, self.cfg.experts)  # (k, S, E)
