@@ -3,7 +3,8 @@
 An objective is an ``nn.Module`` that owns the backbone it trains and its own heads (classifier,
 projector, decoder), declares the backbone capabilities it needs, turns a uint8 batch into the
 views it trains on, and maps views to ``{"loss": ..., **scalars}``. The trainer calls only
-:meth:`Objective.views` and :meth:`Objective.forward`, so it never special-cases an objective.
+:meth:`Objective.views`, :meth:`Objective.forward` and, after every optimizer step,
+:meth:`Objective.after_step` (where an EMA teacher updates), so it never special-cases an objective.
 
 Auxiliary losses of the backbone (mixture-of-experts load balancing, see
 :meth:`Backbone.aux_loss`) are added here for every objective: hooks around ``forward`` record them
@@ -45,6 +46,11 @@ class Objective(nn.Module):
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called by the trainer after optimizer step ``step`` (0-based) has updated the weights, on
+        every rank, before any checkpoint of that step is written; default: nothing. An EMA teacher
+        (BYOL, DINO) updates here, so its state is part of the checkpoint of the same step."""
 
 
 def _start_aux_loss(objective: Objective, args: Any) -> None:

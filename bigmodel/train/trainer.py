@@ -166,6 +166,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
             views = distributed.rank_views(model, images, gen, loop.rank, loop.world, loop.accum_steps)
             views = [v.to(dev, non_blocking=True) for v in views]
             out = train_step(net, opt, views, labels.to(dev), loop.accum_steps, loop.grad_clip, loop.dtype)
+            model.after_step(step)
             images_seen += len(images) * loop.world
             done = step + 1
             scalars, stopping = distributed.agree(out, stop.requested, loop.world)  # several processes: one sync

@@ -33,6 +33,9 @@ class Toy(nn.Module):
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"loss": F.cross_entropy(self.lin(views[0]), labels)}
 
+    def after_step(self, step: int) -> None:  # the Objective hook; records what the loop saw
+        self.__dict__.setdefault("seen", []).append((step, self.lin.weight.detach().clone()))
+
 
 def _batches(start: int):
     for step in range(start, 10):
@@ -56,6 +59,18 @@ def test_without_a_run_dir_nothing_is_written_and_history_has_the_logged_steps(t
     assert [r["step"] for r in out["history"]] == [4, 8, 10]  # every log_every steps and the last
     assert [r["lr"] for r in out["history"]] == [0.1 / 4, 0.1 / 8, 0.1 / 10]  # step s (0-based) logs as s + 1
     assert (out["steps_done"], out["stopped"]) == (10, False)
+
+
+def test_after_step_runs_after_each_optimizer_step_and_before_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = Toy()
+    _fit(model, Loop(steps=10, log_every=4, run_dir=tmp_path / "run", checkpoint_every=5))
+    assert [s for s, _ in model.seen] == list(range(10))
+    # the hook sees the weights the optimizer step just wrote: those the step-5 checkpoint holds
+    saved = Toy()
+    checkpoint.load_weights(tmp_path / "run" / "checkpoints" / "step_00000005", saved)
+    assert torch.equal(model.seen[4][1], saved.lin.weight)
+    assert not torch.equal(model.seen[3][1], model.seen[4][1])
 
 
 def test_a_run_dir_gets_checkpoints_metrics_and_an_exact_resume(tmp_path, monkeypatch):
