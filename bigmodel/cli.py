@@ -25,8 +25,8 @@ import sys
 from rich.console import Console
 
 from bigmodel import api
-from bigmodel.recipe import RecipeError, zoo_names, zoo_text
-from bigmodel.train.trainer import NonFiniteLoss
+from bigmodel.errors import InputError, NonFiniteLoss, RecipeError
+from bigmodel.recipe import zoo_names, zoo_text
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -67,7 +67,7 @@ def _as_recipe_errors():
     try:
         yield
     except (ValueError, FileNotFoundError) as e:
-        if isinstance(e, RecipeError):
+        if isinstance(e, InputError):
             raise
         raise RecipeError(str(e).splitlines()[0]) from e
 
@@ -306,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         return args.fn(args, console)
-    except RecipeError as e:
-        print(f"recipe error: {e}", file=sys.stderr)
+    except InputError as e:
+        print(f"{e.kind} error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,13 +18,10 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bigmodel.errors import RecipeError  # noqa: F401  (re-exported: raised by validation)
 from bigmodel.registry import ARCHITECTURES, DATASETS, OBJECTIVES, PROTOCOLS, Registry
 
 SECTIONS = ("architecture", "data", "objective", "optim", "run", "transfer", "tiny")
-
-
-class RecipeError(ValueError):
-    """A recipe problem, phrased as one line for the user."""
 
 
 class OptimConfig(BaseModel):

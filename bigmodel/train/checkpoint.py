@@ -46,16 +46,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from bigmodel.recipe import RecipeError
+from bigmodel.errors import CheckpointError
 from bigmodel.train import distributed
 
 PREFIX = "step_"
 FILES = ("model.safetensors", "state.pt")
 DCP_METADATA = ".metadata"
-
-
-class CheckpointError(RecipeError):
-    """No usable checkpoint, or weights that do not fit the model: one line for the user."""
 
 
 def _fsync(path: Path) -> None:

@@ -26,16 +26,13 @@ import torch
 from rich.console import Console
 
 from bigmodel.data.base import ImageDataset
+from bigmodel.errors import NonFiniteLoss
 from bigmodel.objectives.base import Objective
 from bigmodel.recipe import OptimConfig, Recipe
 from bigmodel.train import checkpoint, distributed
 from bigmodel.train.logging import GracefulStop, MetricsLog, StepProgress
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
