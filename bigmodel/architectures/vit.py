@@ -8,9 +8,10 @@ the class token (``global_pool: token``) or the mean of the patch tokens (``glob
 as MAE uses for transfer).
 
 :class:`Attention` is timm's, except that on a CPU bf16 queries, keys and values are attended in
-fp32: PyTorch's CPU flash-attention kernel runs its backward 3-5x slower in bf16 than in fp32
-(torch 2.14; ViT-Tiny and ImageGPT shapes), which made bf16 autocast lose most of what its bf16
-matrix products win. Every transformer of the framework (ViT, the MAE decoder, ImageGPT) uses it.
+fp32: PyTorch's CPU flash-attention kernel runs its backward much slower in bf16 than in fp32, which
+made bf16 autocast lose most of what its bf16 matrix products win (measurements:
+``benchmarks/results/cpu_bf16_attention.md``). Every transformer of the framework (ViT, the MAE
+decoder, ImageGPT) uses it.
 """
 
 from __future__ import annotations

@@ -7,9 +7,8 @@
   ``torch.backends.cpu.get_cpu_capability()`` cannot tell: it names the vector instruction set
   only (``AVX512`` on AMX machines too), so this asks torch's cpuinfo probes
   (``torch.cpu._is_amx_tile_supported``, ``_is_avx512_bf16_supported``) and falls back to the
-  flags of ``/proc/cpuinfo``. That the rule pays is measured, not assumed: on this AVX-512 BF16
-  CPU (2 threads) the step runs 1.4-2.9x the peers' fp32 for every row of ``benchmarks/peers.py``
-  (README, "Speed against peers"), which times exactly this choice.
+  flags of ``/proc/cpuinfo``. That the rule pays is measured by ``benchmarks/peers.py``, which
+  times exactly this choice (figures: ``benchmarks/results/peers.md``).
 """
 
 from __future__ import annotations

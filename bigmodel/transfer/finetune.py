@@ -22,51 +22,11 @@ and recorded with the result:
 Every value can be overridden by a protocol key; ``steps`` or ``schedule_scale`` shorten the whole
 schedule proportionally (warm-up and decay steps included) for tests and CPU runs.
 
-Three defaults differ from BiT: the learning rate (``base_lr`` 0.4 at batch 512; BiT's is 0.003),
-flips (off: BiT flips every task, but a mirrored digit or letter is another symbol) and the test
-view (``test_crop``: the centre of the image resized as in training; BiT tests on the whole image
-at the crop size, so objects are 1.25× smaller at test than in training). Why: the README's MNIST
-fine-tune scored 20.5 % (28.6 % at lr 0.03), below the linear probe of the same checkpoint
-(66.8 %). Each candidate cause, measured on the first 2k MNIST training images (scored on the
-first 2k test images), 200 steps of 128 unless noted, the ResNet-18 ×0.25 of ``simclr-resnet``,
-seed 0, one thread. Rows A-M: the ResNet's init before ``zero_init_last`` (commit 50e3a4e); A-G
-with the old decays at 30/60/90 %, H-M with the published ones (scaled: warm-up 40, ÷10 at
-80/120/160). Rows marked * use the current ResNet; P rows start from a SimCLR checkpoint
-(``simclr-resnet``, 120 steps on 10k MNIST images; linear probe on the same 2k/2k: 78.60):
-
-    ===  ====================================================================  =====  ==========
-         variant (from random init unless "pretrained")                        top-1  train loss
-    ===  ====================================================================  =====  ==========
-    A    old defaults: lr 0.003·128/512, flips, 35² → 28² crops                12.10  2.300
-    B    A without flips                                                       13.95  2.299
-    C    B without the crop (resize 28: train and test at one scale)           14.55  2.297
-    D    B at lr 0.03                                                          44.75  1.906
-    E    B at lr 0.1                                                           84.80  0.427
-    F    D without the crop                                                    70.60  0.753
-    G    D with the published decay steps                                      60.95  1.394
-    H    no flips, lr 0.1, published decay steps                               88.80  0.268
-    I    H at lr 0.3                                                           88.90  0.174
-    J    H without the crop                                                    92.05  0.035
-    K    H with a N(0, 0.01) head instead of BiT's zero head                   87.95  0.235
-    L    50 steps of 512 at lr 0.1                                             26.55  2.186
-    M    50 steps of 512 at lr 0.4 (= the default at batch 512)                63.35  1.097
-    A2*  lr 0.003·128/512, flips, published decay steps                        34.30  1.593
-    H2*  H                                                                     86.15  0.331
-    J2*  H2 without the crop                                                   90.30  0.169
-    N*   H2 tested on the centre 28² of the image resized to 35² (defaults)    89.80  0.331
-    P1*  pretrained, lr 0.003·128/512                                          16.80  2.278
-    P3*  pretrained, lr 0.03, whole-image test                                 73.70  0.732
-    P2*  pretrained, lr 0.1, whole-image test                                  88.15  0.195
-    P4*  pretrained, the defaults (lr 0.1, centre-crop test)                    92.70  0.195
-    ===  ====================================================================  =====  ==========
-
-The cause is the learning rate: at 0.003 · batch / 512 the loss stays near ln 10 = 2.303 over a
-few hundred steps (A, P1: the fine-tune of a checkpoint whose linear probe scores 78.6 % scores
-16.8 %); 0.1-0.3 at batch 128 learn (H, I), and at batch 512 linear scaling holds (M vs L).
-Second, the train/test scale mismatch of BiT's crop: 3.6-4 points in short runs (J2, J vs H2, H),
-recovered by testing at the training scale (N; from the checkpoint: P4 vs P2). The published decay steps help at low lr (G vs
-D); flips (B), the zero-initialised head (K) and the normalisation (the same ``to_input``, mean
-and std 0.5, in pretraining, fine-tuning and test) are not causes.
+Three defaults differ from BiT: the learning rate (``base_lr`` 0.4 at batch 512; BiT's 0.003 leaves
+schedules of a few hundred steps near chance), flips (off: a mirrored digit or letter is another
+symbol) and the test view (``test_crop``: the centre of the image resized as in training, so objects
+keep the training scale, as FixRes argues; BiT tests on the whole image at the crop size). The
+measurements behind them are in ``benchmarks/results/finetune_lr.md``.
 """
 
 from __future__ import annotations
@@ -102,7 +62,7 @@ REGIMES = ((20_000, "small", 500, 100, (200, 300, 400)),
            (500_000, "medium", 10_000, 500, (3_000, 6_000, 9_000)),
            (math.inf, "large", 20_000, 500, (6_000, 12_000, 18_000)))
 BASE_LR, BASE_BATCH = 0.003, 512  # BiT's learning rate at its batch size
-DEFAULT_BASE_LR = 0.4  # this protocol's default at batch 512 (0.1 at 128): see the module docstring
+DEFAULT_BASE_LR = 0.4  # this protocol's default at batch 512 (0.1 at 128): benchmarks/results/finetune_lr.md
 MIXUP_FROM, MIXUP_ALPHA = 20_000, 0.1
 SMALL_AREA = 96 * 96
 RESIZE_SMALL, RESIZE_LARGE = 160 / 128, 512 / 480
@@ -229,7 +189,7 @@ class Finetune(Protocol):
     schedule_scale: multiplies the schedule length, warm-up and decay steps (e.g. 0.1 for a CPU run).
     batch_size: images per step (published: 512).
     base_lr: learning rate at batch 512, scaled linearly with ``batch_size`` (BiT: 0.003, which
-        leaves short schedules at chance: see the module docstring).
+        leaves short schedules at chance: see benchmarks/results/finetune_lr.md).
     lr: peak learning rate (default: base_lr · batch_size / 512).
     warmup_steps: linear warm-up steps.
     decay_at: fractions of training at which the learning rate drops ×0.1 (published: steps
