@@ -50,8 +50,10 @@ from bigmodel.architectures.base import Backbone
 from bigmodel.data.base import TensorImages
 from bigmodel.data.loader import batches
 from bigmodel.data.transforms import random_crop, random_crop_flip, to_input
+from bigmodel.errors import CheckpointError
 from bigmodel.objectives.base import Objective
 from bigmodel.registry import PROTOCOLS
+from bigmodel.train import checkpoint
 from bigmodel.train.logging import read_metrics
 from bigmodel.train.trainer import Loop, fit
 from bigmodel.transfer.base import Protocol
@@ -206,8 +208,10 @@ class Finetune(Protocol):
     seed: data order, augmentation, MixUp and stochastic depth.
     precision: fp32, bf16 autocast, or auto (bf16 where the hardware runs it fast).
     eval_batch_size: images per forward pass at test time.
-    checkpoint_dir: folder for checkpoints and metrics.jsonl (one sub-folder per backbone, seed
-        and schedule); a fine-tune killed there resumes from its last checkpoint when run again.
+    checkpoint_dir: folder for checkpoints and metrics.jsonl (one sub-folder per fine-tune: starting
+        weights, task data, schedule and settings, see :meth:`Finetune.identity`); a fine-tune killed
+        there resumes from its last checkpoint when run again, and a sub-folder whose checkpoint
+        records another fine-tune is refused, never resumed.
         Signals are left to the caller (``bigmodel run`` finishes the row in progress on SIGTERM).
     checkpoint_every: steps between checkpoints (default: a tenth of the schedule).
     """
@@ -275,13 +279,15 @@ class Finetune(Protocol):
         seed = self.seed if seed is None else seed
         dev = next(backbone.parameters()).device
         s = self.schedule(len(train), backbone.image_size, train.image_size)
-        run_dir = self._run_dir(backbone, seed, s)
+        identity = self.identity(backbone, train, seed, s)
+        run_dir = self._run_dir(identity)
         log_every = max(1, s.steps // 20)
         loop = Loop(steps=s.steps, seed=seed, grad_clip=self.grad_clip, dtype=_autocast_dtype(self.precision, dev),
                     run_dir=run_dir, checkpoint_every=self.checkpoint_every or max(1, s.steps // 10),
                     log_every=log_every, stop_on_signal=False, label="finetune", lr_key="finetune lr",
-                    meta={"finetune": {"schedule": s.as_dict(), "seed": seed, "flip": self.flip,
-                                       "test_crop": self.test_crop}, **rebuild_meta(backbone, train)})
+                    meta={"finetune": identity, **rebuild_meta(backbone, train)})
+        if run_dir is not None:
+            check_resumable(run_dir, identity)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)  # stochastic depth and the like draw from the global RNG
             model = Classifier(copy.deepcopy(backbone), train.num_classes, s, self.flip, self.test_crop).to(dev).train()
@@ -293,15 +299,27 @@ class Finetune(Protocol):
         model.train_loss = float(np.mean(tail)) if tail else None
         return model.eval(), s
 
-    def _run_dir(self, backbone: Backbone, seed: int, s: Schedule) -> Path | None:
-        """``checkpoint_dir/<digest>``: one folder per starting weights, seed, flip and schedule, so
-        that the fine-tunes of several backbones (pretrained, random init) never resume each other."""
+    def identity(self, backbone: Backbone, train: TensorImages, seed: int, s: Schedule) -> dict[str, Any]:
+        """Everything that defines this fine-tune, as recorded in its checkpoints' meta and hashed into
+        its folder: the schedule, every training setting of the protocol (all but ``checkpoint_dir``,
+        ``checkpoint_every`` and ``eval_batch_size``, which change neither the weights nor the
+        score), the task (its class count and names, and a hash of its images and labels) and the
+        starting weights (a hash of the backbone's state dict: the source checkpoint)."""
+        settings = {k: v for k, v in vars(self).items() if k not in ("checkpoint_dir", "checkpoint_every",
+                                                                      "eval_batch_size")}
+        state = sorted(backbone.state_dict().items())
+        identity = {"schedule": s.as_dict(), **settings, "seed": seed,
+                    "task": {"num_classes": train.num_classes, "classes": [str(c) for c in train.classes or []],
+                             "examples": len(train), "sha256": _digest(train.images, train.targets)},
+                    "backbone_sha256": _digest(*(t for _, t in state), names=[k for k, _ in state])}
+        return json.loads(json.dumps(identity))  # as meta.json gives it back (tuples are lists)
+
+    def _run_dir(self, identity: dict[str, Any]) -> Path | None:
+        """``checkpoint_dir/<digest of identity>``: fine-tunes of other tasks, settings or starting
+        weights (pretrained, random init) never share a folder, so never resume each other."""
         if self.checkpoint_dir is None:
             return None
-        h = hashlib.sha256(json.dumps([seed, self.flip, s.as_dict()], sort_keys=True).encode())
-        for name, t in sorted(backbone.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
         return Path(self.checkpoint_dir).expanduser() / h.hexdigest()[:16]
 
     @torch.inference_mode()
@@ -333,6 +351,31 @@ def rebuild_meta(backbone: Backbone, train: TensorImages) -> dict[str, Any]:
     if isinstance(section, dict) and section.get("name"):
         meta["architecture"] = dict(section)
     return meta
+
+
+def check_resumable(run_dir: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint of ``run_dir`` whose recorded fine-tune is not this one.
+
+    The folder name is a digest of ``identity``, so a mismatch means a folder from another version
+    or one edited by hand: resuming it would score another fine-tune's classifier, and starting
+    over there would overwrite it, so neither happens; the user removes it or picks another folder."""
+    last = checkpoint.latest(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
+    if last is None:
+        return
+    recorded = checkpoint.load_meta(last).get("finetune")
+    if recorded != identity:
+        keys = sorted(k for k in {*(recorded or {}), *identity} if (recorded or {}).get(k) != identity.get(k))
+        raise CheckpointError(f"{last}: this checkpoint holds another fine-tune (differs in: {', '.join(keys)}); "
+                              f"it is not resumed: remove {run_dir} or set another checkpoint_dir")
+
+
+def _digest(*tensors: torch.Tensor, names: list[str] | None = None) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of ``tensors``."""
+    h = hashlib.sha256()
+    for i, t in enumerate(tensors):
+        h.update(f"{names[i] if names else i}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:

@@ -215,3 +215,77 @@ def test_finetune_leaves_signals_to_its_caller(tiny_mlp, monkeypatch, tmp_path):
     Finetune(steps=2, batch_size=16, checkpoint_dir=str(tmp_path)).fit(tiny_mlp(), digits(split="train"),
                                                                        console=Console(quiet=True))
     assert seen == [before, before]
+
+
+def _task(path, labels_seed: int):
+    """An npz task of 64 train / 32 test 8² images: the same images for every ``labels_seed``, other labels."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x_train, x_test = (rng.integers(0, 256, (n, 8, 8), dtype=np.uint8) for n in (64, 32))
+    lab = np.random.default_rng(labels_seed)
+    np.savez(path, x_train=x_train, y_train=lab.integers(0, 4, 64), x_test=x_test, y_test=lab.integers(0, 4, 32))
+    return str(path)
+
+
+def test_finetunes_of_two_tasks_of_one_size_never_resume_each_other(tiny_run, tmp_path, capsys):
+    """Issue 17: ``transfer RUN --task a.npz --protocol finetune --set checkpoint_dir=ft``, then ``b.npz``
+    (same size, other labels): the second trains from its own start and reports its own number, the
+    one it gets in an empty folder. (The protocol prints its progress and resume lines to stdout.)"""
+    from bigmodel import api
+
+    a, b = _task(tmp_path / "a.npz", 1), _task(tmp_path / "b.npz", 2)
+    settings = {"steps": 3, "batch_size": 16, "lr": 0.1, "checkpoint_dir": str(tmp_path / "ft")}
+    api.transfer_task(tiny_run, a, "finetune", quiet=True, **settings)
+    capsys.readouterr()
+    row_b = api.transfer_task(tiny_run, b, "finetune", quiet=True, **settings)
+    printed = capsys.readouterr().out
+    alone = api.transfer_task(tiny_run, b, "finetune", quiet=True, **{**settings, "checkpoint_dir": str(tmp_path / "b")})
+    assert "resuming" not in printed and "step 3/3" in printed
+    assert len(list((tmp_path / "ft").iterdir())) == 2
+    own, ref = ({k: v for k, v in r["results"]["pretrained"].items() if k != "seconds"} for r in (row_b, alone))
+    assert own == ref
+    # and task a again resumes its own finished fine-tune: nothing is trained again
+    capsys.readouterr()
+    api.transfer_task(tiny_run, a, "finetune", quiet=True, **settings)
+    printed = capsys.readouterr().out
+    assert "resuming from" in printed and "(step 3)" in printed and "step 1/3" not in printed
+
+
+def test_the_folder_key_covers_task_data_classes_settings_precision_and_weights(tiny_mlp, tmp_path):
+    base = Finetune(steps=2, batch_size=16, checkpoint_dir=str(tmp_path))
+    train = digits(split="train")
+    s = base.schedule(len(train), 8, train.image_size)
+
+    def key(protocol=base, net=None, data=train):
+        return protocol._run_dir(protocol.identity(net or tiny_mlp(), data, protocol.seed, s)).name
+
+    relabelled = train.subset(torch.arange(len(train)))
+    relabelled.targets = relabelled.targets.roll(1)
+    more_classes = train.subset(torch.arange(len(train)))
+    more_classes.num_classes = 11
+    keys = [key(), key(data=relabelled), key(data=more_classes), key(net=tiny_mlp(seed=1)),
+            key(Finetune(steps=2, batch_size=16, checkpoint_dir=str(tmp_path), precision="bf16")),
+            key(Finetune(steps=2, batch_size=16, checkpoint_dir=str(tmp_path), grad_clip=1.0)),
+            key(Finetune(steps=2, batch_size=16, checkpoint_dir=str(tmp_path), test_crop=False))]
+    assert len(set(keys)) == len(keys)
+    # what changes neither the weights nor the score keeps the folder (a killed fine-tune resumes)
+    assert key(Finetune(steps=2, batch_size=16, checkpoint_dir=str(tmp_path / "x"), checkpoint_every=1,
+                        eval_batch_size=7)) == keys[0]
+
+
+def test_a_checkpoint_recording_another_finetune_is_refused_not_resumed(tiny_mlp, tmp_path):
+    from bigmodel.errors import CheckpointError
+
+    protocol = Finetune(steps=2, batch_size=16, lr=0.1, checkpoint_dir=str(tmp_path))
+    train = digits(split="train")
+    protocol.fit(tiny_mlp(), train, console=Console(quiet=True))
+    (run,) = tmp_path.iterdir()
+    meta_path = checkpoint.latest(run) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["finetune"]["task"]["sha256"] = "0" * 64  # a folder of another task under this digest
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as e:
+        protocol.fit(tiny_mlp(), train, console=Console(quiet=True))
+    assert str(e.value) == (f"{checkpoint.latest(run)}: this checkpoint holds another fine-tune (differs in: task); "
+                            f"it is not resumed: remove {run} or set another checkpoint_dir")
