@@ -120,8 +120,29 @@ def save(folder: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optim
     checkpoint.save(folder, step, model, state, loop.meta, keep=loop.keep_checkpoints)
 
 
+class FirstNonFinite:
+    """The first step whose loss or gradient norm was not finite, kept on the device: updated after
+    every step with ``torch.where`` (no host sync in the step), read where the loop syncs anyway (log
+    and checkpoint steps, the last step), so a divergence is reported at the step it happened."""
+
+    def __init__(self, dev: torch.device):
+        self.step = torch.zeros((), dtype=torch.int64, device=dev)  # 0: every step so far was finite
+        self.values = torch.zeros(2, device=dev)  # that step's loss and gradient norm
+
+    def update(self, out: dict[str, torch.Tensor], step: int) -> None:
+        values = torch.stack([out[k].detach().float().reshape(()).to(self.values.device) for k in ("loss", "grad_norm")])
+        new = (self.step == 0) & ~torch.isfinite(values).all()
+        self.step = torch.where(new, step, self.step)
+        self.values = torch.where(new, values, self.values)
+
+    def first(self, step: int, scalars: dict[str, float]) -> tuple[dict[str, float], int]:
+        """``(scalars, step)`` of the first non-finite step if there was one, else the given ones."""
+        bad, (loss, norm) = int(self.step), self.values.tolist()
+        return ({**scalars, "loss": loss, "grad_norm": norm}, bad) if bad else (scalars, step)
+
+
 def check_finite(scalars: dict[str, float], step: int, folder: Path | None, loop: Loop) -> None:
-    """Raise :class:`NonFiniteLoss` if the loss or the gradient norm is not finite."""
+    """Raise :class:`NonFiniteLoss` if the loss or the gradient norm is not finite (``step``: where)."""
     bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(scalars[k])), None)
     if bad is not None:  # weights updated by non-finite gradients are never saved
         kept = f"the last good checkpoint stays in {folder}" if folder else "nothing was saved"
@@ -153,7 +174,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
         loop.run_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(loop.run_dir / "metrics.jsonl", start, loop.run_dir / "tensorboard" if loop.tensorboard else None)
     history: list[dict[str, Any]] = []
-    images_seen, t_last, done, stopping = 0, time.perf_counter(), start, False
+    images_seen, t_last, done, stopping, watch = 0, time.perf_counter(), start, False, FirstNonFinite(dev)
     stop_ctx = GracefulStop() if ckpt_dir is not None and loop.stop_on_signal else contextlib.nullcontext(GracefulStop())
     with StepProgress(shown, loop.steps, start, loop.label) as bar, stop_ctx as stop, distributed.data_parallel(loop.world):
         for step, (images, labels) in enumerate(batches_fn(start), start):
@@ -166,12 +187,13 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
             model.after_step(step)
             images_seen += len(images) * loop.world
             done = step + 1
+            watch.update(out, done)
             scalars, stopping = distributed.agree(out, stop.requested, loop.world)  # several processes: one sync
             boundary = ckpt_dir is not None and (done % loop.checkpoint_every == 0 or stopping)
             logging = done % loop.log_every == 0 or boundary or done == loop.steps
             if logging or scalars is not None:
                 scalars = scalars or {k: float(v) for k, v in out.items()}  # one process: the only host sync
-                check_finite(scalars, done, ckpt_dir, loop)
+                check_finite(*watch.first(done, scalars), ckpt_dir, loop)
             if logging:
                 now = time.perf_counter()
                 scalars["images_per_s"] = images_seen / max(now - t_last, 1e-9)

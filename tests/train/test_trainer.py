@@ -123,7 +123,7 @@ def test_a_non_finite_loss_stops_with_one_line(tmp_path):
         def forward(self, views, labels):
             return {"loss": super().forward(views, labels)["loss"] * float("nan")}
 
-    with pytest.raises(NonFiniteLoss, match=r"^loss became nan at step 2; the last good checkpoint stays in .*checkpoints "
+    with pytest.raises(NonFiniteLoss, match=r"^loss became nan at step 1; the last good checkpoint stays in .*checkpoints "
                                             r"\(try a lower optim.lr\)$"):
         _fit(Nan(), Loop(steps=10, log_every=2, run_dir=tmp_path))
 
@@ -174,3 +174,42 @@ def test_non_finite_gradients_with_a_finite_loss_are_never_checkpointed(tmp_path
     with pytest.raises(NonFiniteLoss, match=r"^gradient norm became nan at step 2; the last good checkpoint"):
         _fit(NanGrads(), Loop(steps=10, log_every=5, run_dir=tmp_path, checkpoint_every=2))
     assert checkpoint.latest(tmp_path) is None
+
+
+def test_a_non_finite_loss_is_reported_at_its_step_not_at_the_next_log_step(tmp_path):
+    """Issue 17: NaN at step 3 with log_every=20 said "at step 20"; the loop holds the first bad step on
+    the device (no per-step host sync) and reports it; the checkpoint of step 2 stays the latest."""
+    class NanAt3(Toy):
+        calls = 0
+
+        def forward(self, views, labels):
+            out = super().forward(views, labels)
+            NanAt3.calls += 1
+            return {"loss": out["loss"] * float("nan")} if NanAt3.calls == 3 else out
+
+    with pytest.raises(NonFiniteLoss, match=r"^loss became nan at step 3; the last good checkpoint stays in "):
+        _fit(NanAt3(), Loop(steps=10, log_every=20, run_dir=tmp_path, checkpoint_every=4))
+    assert checkpoint.latest(tmp_path) is None  # no checkpoint before step 4, none with NaN weights after
+
+    NanAt3.calls = 0
+    with pytest.raises(NonFiniteLoss, match=r"^loss became nan at step 3; "):
+        _fit(NanAt3(), Loop(steps=10, log_every=20, run_dir=tmp_path / "b", checkpoint_every=2))
+    assert checkpoint.latest(tmp_path / "b").name == "step_00000002"
+
+
+def test_a_non_finite_gradient_between_log_steps_is_reported_with_its_value_and_step():
+    class InfGradAt2(Toy):
+        calls = 0
+
+        def forward(self, views, labels):
+            out = super().forward(views, labels)
+            InfGradAt2.calls += 1
+            if InfGradAt2.calls == 2:
+                h = self.lin.weight.register_hook(lambda g: g * float("inf"))
+                self.__dict__["hook"] = h
+            elif "hook" in self.__dict__:
+                self.__dict__.pop("hook").remove()
+            return out
+
+    with pytest.raises(NonFiniteLoss, match=r"^gradient norm became (inf|nan) at step 2; nothing was saved"):
+        _fit(InfGradAt2(), Loop(steps=10, log_every=20))
