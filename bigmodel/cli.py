@@ -1,5 +1,5 @@
 """``bigmodel`` command line: run, pretrain, transfer, ensemble, report, analyze, compare, sweep, zoo,
-components, export, predict, data shard (a thin layer over :mod:`bigmodel.api`,
+components, export, predict, data shard, data get (a thin layer over :mod:`bigmodel.api`,
 :mod:`bigmodel.export` and :mod:`bigmodel.predict`).
 
 Recipe problems print one ``recipe error:`` line and exit with status 2 before anything is written.
@@ -160,6 +160,14 @@ def cmd_data_shard(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_data_get(args: argparse.Namespace, console: Console) -> int:
+    """``bigmodel data get NAME [--root DIR]``: torchvision's files → ``NAME.npz`` in the data folder."""
+    from bigmodel.data.download import get
+
+    get(args.name, args.root, console)
+    return EXIT_OK
+
+
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     result = api.compare(args.runs, args.out, console)
     if args.json:
@@ -242,7 +250,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_zoo)
     s = sub.add_parser("components", help="list registered components and the architecture × objective matrix")
     s.set_defaults(fn=cmd_components)
-    s = sub.add_parser("data", help="data tools: data shard")
+    s = sub.add_parser("data", help="data tools: data shard, data get")
     data_sub = s.add_subparsers(dest="data_command", required=True)
     s = data_sub.add_parser("shard", help="write a registered dataset as WebDataset tar shards",
                             usage="bigmodel data shard SRC [key=value ...] DST [--size N] [--force]",
@@ -254,6 +262,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=10000, help="samples per shard (default 10000)")
     s.add_argument("--force", action="store_true", help="replace shards of this split already in DST")
     s.set_defaults(fn=cmd_data_shard)
+    s = data_sub.add_parser("get", help="download a data set with torchvision (md5-checked) and write NAME.npz "
+                                        "in the data folder, where recipes find $BIGMODEL_DATA/NAME.npz",
+                            epilog="e.g. bigmodel data get mnist; then bigmodel run simclr-resnet")
+    s.add_argument("name", metavar="NAME", help="mnist, fashion_mnist, cifar10, cifar100, svhn or stl10")
+    s.add_argument("--root", metavar="DIR", help="data folder to fill (default $BIGMODEL_DATA, else "
+                                                 "${XDG_CACHE_HOME:-~/.cache}/bigmodel); raw files go in DIR/raw")
+    s.set_defaults(fn=cmd_data_get)
     s = sub.add_parser("compare", help="one table and plots across run directories (accuracy, compute, power-law fits)")
     s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run directories (with report.json)")
     s.add_argument("--out", default="runs/compare", help="folder for compare.json and compare.html (default runs/compare)")

@@ -8,9 +8,18 @@ protocols can size themselves without reading a sample.
 Small datasets live in memory as one uint8 tensor (:class:`TensorImages`): decode once, index
 batches directly.
 
-Paths in data sections may name ``$BIGMODEL_SHARED_DATA``, the folder of the shared data sets
-(default: ``shared/data`` beside the repository); :func:`expand_path` expands it (and ``~`` and
-other environment variables) when the dataset is built, so a recipe works from any directory.
+Data folders, searched in this order (:func:`data_folders`):
+
+1. ``$BIGMODEL_DATA``, the user's data folder that ``bigmodel data get NAME`` fills (default
+   ``${XDG_CACHE_HOME:-~/.cache}/bigmodel``);
+2. ``$BIGMODEL_SHARED_DATA``, a pre-filled copy in the same layout (our machines' ``shared/data``
+   beside the repository, the default).
+
+A data path written ``$BIGMODEL_DATA/<file>`` is the first folder's ``<file>`` that exists, so a
+zoo recipe naming ``$BIGMODEL_DATA/mnist.npz`` finds the file in either folder;
+``$BIGMODEL_SHARED_DATA/<file>`` names the shared folder only. :func:`expand_path` expands both
+(and ``~`` and other environment variables) when the dataset is built, so a recipe works from any
+directory and keeps its paths as written.
 """
 
 from __future__ import annotations
@@ -25,7 +34,15 @@ from torch.utils.data import Dataset, IterableDataset
 
 import bigmodel
 
+DATA_VAR = "BIGMODEL_DATA"
 SHARED_DATA_VAR = "BIGMODEL_SHARED_DATA"
+
+
+def user_data() -> Path:
+    """``$BIGMODEL_DATA``, else ``${XDG_CACHE_HOME:-~/.cache}/bigmodel``: the user's data folder."""
+    if os.environ.get(DATA_VAR):
+        return Path(os.environ[DATA_VAR]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "bigmodel"
 
 
 def shared_data() -> Path:
@@ -35,15 +52,44 @@ def shared_data() -> Path:
     return Path(bigmodel.__file__).resolve().parents[2] / "shared" / "data"
 
 
+def data_folders() -> list[tuple[str, Path]]:
+    """``(variable, folder)`` of every data folder, in the order ``$BIGMODEL_DATA/<file>`` searches them."""
+    return [(DATA_VAR, user_data()), (SHARED_DATA_VAR, shared_data())]
+
+
+def data_file(path: str) -> str | None:
+    """The ``<file>`` of a path written ``$BIGMODEL_DATA/<file>`` (or ``${BIGMODEL_DATA}/<file>``), else None."""
+    for prefix in (f"${DATA_VAR}/", f"${{{DATA_VAR}}}/"):
+        if path.startswith(prefix) and path[len(prefix):]:
+            return path[len(prefix):]
+    return None
+
+
+def find_data(name: str) -> Path | None:
+    """The first data folder's ``name`` that exists (see :func:`data_folders`), else None."""
+    return next((folder / name for _, folder in data_folders() if (folder / name).exists()), None)
+
+
 def expand_path(path: str) -> Path:
-    """``path`` with ``$BIGMODEL_SHARED_DATA`` (default: :func:`shared_data`), other environment
-    variables and ``~`` expanded. Unknown variables are left as written."""
-    env = {**os.environ, SHARED_DATA_VAR: str(shared_data())}
+    """``path`` with its variables and ``~`` expanded: ``$BIGMODEL_DATA/<file>`` is the first data
+    folder's ``<file>`` that exists (else the user's: where ``bigmodel data get`` would put it),
+    ``$BIGMODEL_SHARED_DATA`` is :func:`shared_data`, ``$BIGMODEL_DATA`` alone :func:`user_data`.
+    Unknown variables are left as written."""
+    name = data_file(path)
+    if name is not None:
+        return find_data(name) or user_data() / name
+    env = {**os.environ, SHARED_DATA_VAR: str(shared_data()), DATA_VAR: str(user_data())}
     return Path(string.Template(path).safe_substitute(env)).expanduser()
 
 
 def missing_file_hint(path: str) -> str:
-    """Where a missing data file was looked for, and how to point ``$BIGMODEL_SHARED_DATA`` elsewhere."""
+    """Where a missing data file was looked for, and how to point the data folders elsewhere. For
+    ``$BIGMODEL_DATA/<file>``: ``"<file> is in no data folder ($BIGMODEL_DATA=..., $BIGMODEL_SHARED_DATA=...)"``,
+    to which the caller adds how to get the file."""
+    name = data_file(path)
+    if name is not None:
+        folders = ", ".join(f"${var}={folder}" for var, folder in data_folders())
+        return f"{name} is in no data folder ({folders})"
     where = expand_path(path)
     if not where.is_absolute():
         where = Path.cwd() / where

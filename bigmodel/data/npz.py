@@ -1,6 +1,7 @@
 """Arrays in a ``.npz`` file: ``x_train, y_train, x_test, y_test`` (and optionally ``classes``).
 
-This is the layout of the shared data (``$BIGMODEL_SHARED_DATA/mnist.npz``, ``cifar10.npz``).
+This is the layout of the data folders (``$BIGMODEL_DATA/mnist.npz``, written by ``bigmodel data get
+mnist``; the pre-filled ``$BIGMODEL_SHARED_DATA``): see :mod:`bigmodel.data.base`.
 
 - Images are uint8 and square, ``(N, H, W)``, channels-last ``(N, H, W, C)`` or channels-first
   ``(N, C, H, W)`` with C = 1 or 3 (see :func:`bigmodel.data.base.channels_first`).
@@ -23,7 +24,8 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from bigmodel.data.base import TensorImages, expand_path, from_numpy, missing_file_hint
+from bigmodel.data.base import TensorImages, expand_path, from_numpy
+from bigmodel.data.download import missing_hint
 from bigmodel.registry import DATASETS
 
 SPLITS = ("train", "test")
@@ -40,14 +42,15 @@ def npz(
     """Load one split of an npz archive.
 
     Args:
-        path: the ``.npz`` file; ``$BIGMODEL_SHARED_DATA`` in it names the shared data folder.
+        path: the ``.npz`` file; ``$BIGMODEL_DATA/<file>`` is found in the data folders,
+            ``$BIGMODEL_SHARED_DATA`` names the shared one.
         limit: keep only the first ``limit`` images of the split (a fixed, reproducible subset).
         labels: ``False`` ignores the labels (a self-supervised corpus); they are not read.
         num_classes: the class count K, when some classes have no image in the file.
     """
     file = expand_path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"npz path={path!r}: no such file; {missing_file_hint(path)}")
+        raise FileNotFoundError(f"npz path={path!r}: {missing_hint(path)}")
     with _open(file) as arrays:
         x = _read(arrays, file, f"x_{split}")
         y = classes = None

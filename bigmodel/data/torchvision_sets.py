@@ -1,9 +1,10 @@
 """torchvision's classic datasets from a local root: ``mnist``, ``fashion_mnist``, ``cifar10``,
 ``cifar100``, ``svhn``, ``stl10``.
 
-The files are read where torchvision keeps them under ``root`` (default ``$BIGMODEL_DATA`` or
-``~/.cache/bigmodel/data``). Nothing touches the network unless the recipe says
-``download: true``; when files are missing the error lists each one with the path it must have.
+The files are read where torchvision keeps them under ``root`` (default ``$BIGMODEL_DATA/raw``, the
+raw folder ``bigmodel data get NAME`` fills: see :mod:`bigmodel.data.download`). Nothing touches the
+network unless the recipe says ``download: true``; when files are missing the error lists each one
+with the path it must have.
 The arrays are taken out of torchvision's dataset object once (decode once) and served as
 :class:`TensorImages`.
 """
@@ -21,7 +22,7 @@ from torchvision import datasets as tvd
 from bigmodel.data.base import TensorImages, expand_path, from_numpy
 from bigmodel.registry import DATASETS
 
-DEFAULT_ROOT = os.environ.get("BIGMODEL_DATA", "~/.cache/bigmodel/data")
+DEFAULT_ROOT = "$BIGMODEL_DATA/raw"  # expanded when built: the first data folder with raw/, else the user's
 
 
 def _mnist_files(cls: type[tvd.MNIST]) -> tuple[list[str], str]:

@@ -1,9 +1,11 @@
 """Named transfer suites: lists of (task, protocol) entries kept as data in ``bigmodel/suites/*.yaml``.
 
 A suite file has the shape of a recipe's ``transfer`` section (``transfer: [{task, protocol, ...}]``)
-and opens with its command line. Strings may name ``$BIGMODEL_SHARED_DATA``, the folder of the
-shared data sets (default: ``../shared/data`` beside the repository). ``--set KEY=VALUE`` adjusts
-the entries before validation:
+and opens with its command line. Task paths name ``$BIGMODEL_DATA/<file>``, kept as written and
+found in the data folders when the task is built (:func:`bigmodel.data.base.expand_path`), so a
+missing file says which ``bigmodel data get`` command writes it; ``$BIGMODEL_SHARED_DATA`` (the
+pre-filled folder) and other variables are expanded on loading. ``--set KEY=VALUE`` adjusts the
+entries before validation:
 
 - ``KEY`` is a protocol key (``steps=50``) or ``task.KEY`` (``task.limit=500``);
 - without an index it applies to every entry whose protocol (or task) accepts the key, and it is an
@@ -55,7 +57,8 @@ def load_suite(source: str | Path) -> list[dict[str, Any]]:
     entries = raw.get("transfer") if isinstance(raw, dict) else None
     if not isinstance(entries, list) or not entries:
         raise RecipeError(f"suite {source!r}: expected a non-empty 'transfer:' list of {{task, protocol, ...}}")
-    return _expand(entries, {**os.environ, SHARED_DATA_VAR: str(shared_data())})
+    env = {k: v for k, v in os.environ.items() if k != data_base.DATA_VAR}  # $BIGMODEL_DATA: resolved when built
+    return _expand(entries, {**env, SHARED_DATA_VAR: str(shared_data())})
 
 
 def _expand(node: Any, env: dict[str, str]) -> Any:

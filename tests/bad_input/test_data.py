@@ -80,7 +80,8 @@ def test_bad_input(case, tmp_path, capsys, monkeypatch):
 
 def test_missing_shared_file_says_where_it_looked(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BIGMODEL_SHARED_DATA", str(tmp_path / "shared"))
-    case = Case("no-shared-data", ["run", "supervised-vit", "run.tiny=true", "run.out={tmp}/r"], 2,
+    case = Case("no-shared-data", ["run", "supervised-vit", "run.tiny=true", "data.path=$BIGMODEL_SHARED_DATA/mnist.npz",
+                                   "run.out={tmp}/r"], 2,
                 f"npz path='$BIGMODEL_SHARED_DATA/mnist.npz': no such file; looked for {tmp_path / 'shared' / 'mnist.npz'} "
                 f"($BIGMODEL_SHARED_DATA as set); set BIGMODEL_SHARED_DATA=/folder/with/the/data", absent=("r",))
     check(case, tmp_path, capsys, monkeypatch)

@@ -1,5 +1,6 @@
 """npz: layouts (channels first and last), label checks against the class count, and errors that
-name the file and the array; ``$BIGMODEL_SHARED_DATA`` in paths."""
+name the file and the array; the data folders (``$BIGMODEL_DATA/<file>`` found in ``$BIGMODEL_DATA``
+then ``$BIGMODEL_SHARED_DATA``), and the one line a zoo recipe prints when its data is in neither."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bigmodel.data.base import channels_first, expand_path, shared_data
+from bigmodel.data.base import channels_first, expand_path, shared_data, user_data
 from bigmodel.data.npz import npz
 
 Y = np.arange(20) % 10
@@ -132,15 +133,73 @@ def test_shared_data_placeholder_and_missing_file(tmp_path: Path, monkeypatch):
     assert shared_data() == repo.parent / "shared" / "data"
 
 
+def test_data_folders_are_searched_in_order(tmp_path: Path, monkeypatch):
+    """``$BIGMODEL_DATA/<file>``: the user's folder first, then the shared one; absent everywhere,
+    the user's (where ``bigmodel data get`` writes). ``$BIGMODEL_SHARED_DATA/<file>`` is the shared one."""
+    mine, shared = tmp_path / "mine", tmp_path / "shared"
+    monkeypatch.setenv("BIGMODEL_DATA", str(mine))
+    monkeypatch.setenv("BIGMODEL_SHARED_DATA", str(shared))
+    shared.mkdir()
+    _write(shared / "m.npz", x_train=_images(20) + 100)
+    for written in ("$BIGMODEL_DATA/m.npz", "${BIGMODEL_DATA}/m.npz"):
+        assert expand_path(written) == shared / "m.npz"
+    assert npz("$BIGMODEL_DATA/m.npz").images[0, 0, 0, 0] == 100
+    mine.mkdir()
+    _write(mine / "m.npz")
+    assert expand_path("$BIGMODEL_DATA/m.npz") == mine / "m.npz" and npz("$BIGMODEL_DATA/m.npz").images[0, 0, 0, 0] == 0
+    assert expand_path("$BIGMODEL_SHARED_DATA/m.npz") == shared / "m.npz"
+    assert expand_path("$BIGMODEL_DATA/nope.npz") == mine / "nope.npz" and expand_path("$BIGMODEL_DATA") == mine
+
+
+def test_user_data_folder_default(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("BIGMODEL_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert user_data() == tmp_path / "cache" / "bigmodel"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert user_data() == tmp_path / "home" / ".cache" / "bigmodel"
+
+
+def test_a_file_in_no_data_folder_says_how_to_get_it(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("BIGMODEL_DATA", str(tmp_path / "a"))
+    monkeypatch.setenv("BIGMODEL_SHARED_DATA", str(tmp_path / "b"))
+    folders = f"($BIGMODEL_DATA={tmp_path / 'a'}, $BIGMODEL_SHARED_DATA={tmp_path / 'b'})"
+    with pytest.raises(FileNotFoundError) as err:
+        npz("$BIGMODEL_DATA/cifar100.npz")
+    assert str(err.value) == (f"npz path='$BIGMODEL_DATA/cifar100.npz': cifar100.npz is in no data folder {folders}; "
+                              f"get it with: bigmodel data get cifar100")
+    with pytest.raises(FileNotFoundError) as err:
+        npz("$BIGMODEL_DATA/mine.npz")
+    assert str(err.value) == (f"npz path='$BIGMODEL_DATA/mine.npz': mine.npz is in no data folder {folders}; "
+                              f"put it in {tmp_path / 'a'}, or set BIGMODEL_DATA to the folder that has it")
+
+
+def test_a_zoo_recipe_without_its_data_prints_the_get_command(tmp_path: Path, monkeypatch, capsys):
+    """``bigmodel run simclr-resnet run.tiny=true`` with mnist.npz in neither folder: exactly one
+    line ending in the command that fetches it, exit 2, nothing written."""
+    from bigmodel import cli
+
+    monkeypatch.setenv("BIGMODEL_DATA", str(tmp_path / "a"))
+    monkeypatch.setenv("BIGMODEL_SHARED_DATA", str(tmp_path / "b"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "simclr-resnet", "run.tiny=true"]) == 2
+    assert capsys.readouterr().err == (
+        f"recipe error: npz path='$BIGMODEL_DATA/mnist.npz': mnist.npz is in no data folder "
+        f"($BIGMODEL_DATA={tmp_path / 'a'}, $BIGMODEL_SHARED_DATA={tmp_path / 'b'}); get it with: bigmodel data get mnist\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_zoo_recipe_builds_its_data_from_any_directory(mnist_npz: Path, tmp_path: Path, monkeypatch):
-    """``bigmodel run supervised-vit run.tiny=true`` from another cwd finds the shared data."""
+    """``bigmodel run supervised-vit run.tiny=true`` from another cwd finds ``$BIGMODEL_DATA/mnist.npz``
+    in the shared folder when the user's folder does not have it."""
     from bigmodel.recipe import resolve
     from bigmodel.train import build
 
+    monkeypatch.setenv("BIGMODEL_DATA", str(tmp_path / "empty"))
     monkeypatch.setenv("BIGMODEL_SHARED_DATA", str(mnist_npz.parent))
     monkeypatch.chdir(tmp_path)
     recipe = resolve("supervised-vit", ["run.tiny=true"])
-    assert recipe.data.kwargs["path"] == "$BIGMODEL_SHARED_DATA/mnist.npz"  # kept as written: the run stays portable
+    assert recipe.data.kwargs["path"] == "$BIGMODEL_DATA/mnist.npz"  # kept as written: the run stays portable
     data, model = build.experiment(recipe)
     with np.load(mnist_npz) as arrays:
         x, y = arrays["x_train"][:256], arrays["y_train"][:256]
@@ -148,3 +207,18 @@ def test_a_zoo_recipe_builds_its_data_from_any_directory(mnist_npz: Path, tmp_pa
     assert data.num_classes == model.head.out_features == 10
     test = build.dataset(recipe.transfer[0].task, "test")
     assert len(test) == 300 and test.num_classes == 10
+
+
+def test_a_suite_keeps_data_paths_for_the_folder_search(tmp_path: Path, monkeypatch):
+    """Suites leave ``$BIGMODEL_DATA/<file>`` to be found when the task is built (not expanded to the
+    first folder on loading); ``$BIGMODEL_SHARED_DATA`` is expanded as before."""
+    from bigmodel.transfer import suites
+
+    monkeypatch.setenv("BIGMODEL_DATA", "/mine")
+    monkeypatch.setenv("BIGMODEL_SHARED_DATA", "/shared")
+    suite = tmp_path / "s.yaml"
+    suite.write_text("transfer:\n  - {task: {name: npz, path: $BIGMODEL_DATA/m.npz}, protocol: linear}\n"
+                     "  - {task: {name: npz, path: $BIGMODEL_SHARED_DATA/m.npz}, protocol: knn}\n")
+    assert [e["task"]["path"] for e in suites.load_suite(suite)] == ["$BIGMODEL_DATA/m.npz", "/shared/m.npz"]
+    for name, file in (("mnist", "mnist.npz"), ("cifar10", "cifar10.npz")):
+        assert {e["task"]["path"] for e in suites.load_suite(name)} == {f"$BIGMODEL_DATA/{file}"}

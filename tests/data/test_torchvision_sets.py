@@ -80,6 +80,20 @@ def test_corrupt_files_are_named(tmp_path: Path):
 
 
 def test_default_root_and_download_default_off():
+    assert tv.DEFAULT_ROOT == "$BIGMODEL_DATA/raw"
     for name in NAMES:
         fields = DATASETS.config_model(name).model_fields
         assert fields["download"].default is False and fields["root"].default == tv.DEFAULT_ROOT
+
+
+def test_default_root_is_the_raw_folder_data_get_fills(tmp_path: Path, monkeypatch):
+    """With no root, the files are read from ``$BIGMODEL_DATA/raw`` (``bigmodel data get``'s raw
+    folder), else from the shared data folder's ``raw``."""
+    monkeypatch.setenv("BIGMODEL_DATA", str(tmp_path / "mine"))
+    monkeypatch.setenv("BIGMODEL_SHARED_DATA", str(tmp_path / "shared"))
+    shared = _fake_mnist(tmp_path / "shared" / "raw", "MNIST")
+    assert DATASETS.build("mnist", split="test").images[:, 0].numpy().tolist() == shared["test"][0].tolist()
+    _fake_mnist(tmp_path / "mine" / "raw", "MNIST")
+    mine = 255 - shared["test"][0]
+    _idx(tmp_path / "mine" / "raw" / "MNIST" / "raw" / "t10k-images-idx3-ubyte", mine)
+    assert DATASETS.build("mnist", split="test").images[:, 0].numpy().tolist() == mine.tolist()
