@@ -56,10 +56,10 @@ def worker(args: list[str]) -> None:
     """One rank of a measured run: pretraining only, in the process group torchrun describes."""
     from rich.console import Console
 
+    from bigmodel.commands.pretrain import pretrain
     from bigmodel.recipe import resolve
     from bigmodel.train import build, distributed
     from bigmodel.train.run_dir import open_run
-    from bigmodel.train.trainer import pretrain
 
     recipe = resolve(args[0], args[1:])
     with distributed.session():

@@ -20,7 +20,7 @@ GFLOP/s and their share of this machine's fp32 (and bf16) matmul rate, a 2048² 
 threads measured by the parent process at the start of every round. The ratio is ours / peer per
 round; the table shows its median over rounds.
 
-The data-path rows time ``bigmodel run``'s own loop (``trainer.pretrain``: batches from the npz in
+The data-path rows time ``bigmodel run``'s own loop (``commands.pretrain``: batches from the npz in
 memory, views, step, logging) against the step alone on views made beforehand: the loop's overhead
 is ``1 - ratio``. They read ``mnist.npz`` and ``cifar10.npz`` from ``$BIGMODEL_SHARED_DATA``
 (default ``../shared/data``).
@@ -192,7 +192,8 @@ def ours_loop(c: dict, precision: str, steps: int) -> Bench:
     from rich.console import Console
 
     from bigmodel.analysis import flops
-    from bigmodel.train import build, trainer
+    from bigmodel.commands.pretrain import pretrain
+    from bigmodel.train import build
 
     tmp = tempfile.mkdtemp(prefix="peers-loop-")
     recipe = _data_recipe(c, precision, steps, tmp)
@@ -201,7 +202,7 @@ def ours_loop(c: dict, precision: str, steps: int) -> Bench:
 
     def run_all(i: int) -> None:  # the loop runs every step in one call
         if i == 0:
-            trainer.pretrain(recipe, Path(tmp) / "run", data, model, Console(quiet=True))
+            pretrain(recipe, Path(tmp) / "run", data, model, Console(quiet=True))
             lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
             ran.extend(c["batch"] / json.loads(line)["images_per_s"] for line in lines if line.strip())
 

@@ -27,6 +27,7 @@ from rich.console import Console
 from bigmodel.analysis import flops
 from bigmodel.analysis import report as run_report  # `report` is the function below
 from bigmodel.architectures.base import Backbone
+from bigmodel.commands.pretrain import pretrain
 from bigmodel.data.transforms import to_input
 from bigmodel.objectives.base import Objective
 from bigmodel.recipe import (
@@ -42,7 +43,6 @@ from bigmodel.recipe import (
 from bigmodel.train import build, checkpoint, distributed
 from bigmodel.train.logging import GracefulStop
 from bigmodel.train.run_dir import open_run
-from bigmodel.train.trainer import pretrain
 from bigmodel.transfer import suites
 from bigmodel.transfer.suite import (
     PIXELS,

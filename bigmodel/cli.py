@@ -108,7 +108,6 @@ def cmd_zoo(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_components(args: argparse.Namespace, console: Console) -> int:
-    import bigmodel.components  # noqa: F401
     from bigmodel.registry import ARCHITECTURES, DATASETS, OBJECTIVES, PROTOCOLS
 
     for reg in (ARCHITECTURES, DATASETS, OBJECTIVES, PROTOCOLS):

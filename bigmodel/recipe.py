@@ -267,8 +267,6 @@ def _label(where: tuple[str, ...]) -> str:
 
 
 def validate(raw: dict[str, Any]) -> Recipe:
-    import bigmodel.components  # noqa: F401  (fills the registries)
-
     raw = copy.deepcopy(raw)
     for key in raw:
         if key not in SECTIONS:

@@ -5,11 +5,19 @@ component's configuration schema: its keyword parameters, with their type hints,
 ``Annotated[..., Field(...)]`` constraints, become a pydantic model that validates the recipe
 section before anything is built. Parameters listed in ``context`` are supplied by the framework
 (for example the backbone an objective trains) and cannot be set from a recipe.
+
+A registry fills itself (STYLE.md 19): it knows the package that holds its components, and the
+first lookup (:meth:`Registry.get`, :meth:`~Registry.names`, ``in``) imports every module of that
+package, whose decorators register what they define. Nothing imports "every component" for its
+side effects, and a new component is one new file in its package.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -17,13 +25,36 @@ from pydantic import BaseModel, ConfigDict, create_model
 
 
 class Registry:
-    """A name → builder table for one component kind (architecture, dataset, ...)."""
+    """A name → builder table for one component kind (architecture, dataset, ...).
 
-    def __init__(self, kind: str, context: tuple[str, ...] = ()):
+    Args:
+        kind: what an entry is, for messages (``"architecture"``).
+        package: the dotted package whose modules define the entries; its modules are imported on
+            the first lookup. ``None``: entries are registered by whoever imports this registry.
+        context: builder parameters the framework supplies (not recipe keys).
+    """
+
+    def __init__(self, kind: str, context: tuple[str, ...] = (), *, package: str | None = None):
         self.kind = kind
         self.context = frozenset(context)
+        self.package = package
+        self._filled = package is None
         self._entries: dict[str, Callable[..., Any]] = {}
         self._models: dict[str, type[BaseModel]] = {}
+
+    def _fill(self) -> None:
+        """Import every module of :attr:`package` (once), so that their decorators register."""
+        if self._filled:
+            return
+        self._filled = True  # first: a module being imported may look an entry up
+        try:
+            pkg = importlib.import_module(self.package)
+            for info in pkgutil.iter_modules(pkg.__path__):
+                if not info.name.startswith("_"):
+                    importlib.import_module(f"{self.package}.{info.name}")
+        except BaseException:
+            self._filled = False
+            raise
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: ``@ARCHITECTURES.register("vit")``."""
@@ -37,12 +68,15 @@ class Registry:
         return wrap
 
     def names(self) -> list[str]:
+        self._fill()
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
+        self._fill()
         return name in self._entries
 
     def get(self, name: str) -> Callable[..., Any]:
+        self._fill()
         if name not in self._entries:
             raise KeyError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}")
         return self._entries[name]
@@ -86,15 +120,13 @@ class Registry:
 
 
 def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
-    import typing
-
     try:
         return typing.get_type_hints(fn, include_extras=True)
     except Exception:  # unresolved forward references: fall back to no hints
         return {}
 
 
-ARCHITECTURES = Registry("architecture")
-DATASETS = Registry("dataset", context=("split",))
-OBJECTIVES = Registry("objective", context=("backbone", "num_classes"))
-PROTOCOLS = Registry("transfer protocol", context=("pretrained", "task"))
+ARCHITECTURES = Registry("architecture", package="bigmodel.architectures")
+DATASETS = Registry("dataset", context=("split",), package="bigmodel.data")
+OBJECTIVES = Registry("objective", context=("backbone", "num_classes"), package="bigmodel.objectives")
+PROTOCOLS = Registry("transfer protocol", context=("pretrained", "task"), package="bigmodel.transfer")

@@ -88,7 +88,8 @@ def imports(module: str, path: Path, known: dict[str, Path]) -> list[tuple[int, 
               and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
               and node.args[0].value.split(".")[0] == "bigmodel"):
             found.append((node.lineno, target(node.args[0].value), set()))
-    return [(line, t, names) for line, t, names in found if t is not None and t != module]
+    return [(line, t, names) for line, t, names in found if t is not None and t != module
+            and not (t == "bigmodel" and names and all(n.startswith("__") and n.endswith("__") for n in names))]
 
 
 def graph(root: Path = PACKAGE) -> tuple[dict[str, Path], dict[str, list[tuple[int, str, set[str]]]]]:
@@ -105,8 +106,6 @@ def upward(root: Path = PACKAGE) -> list[str]:
         here = layer_of(m)
         for line, t, names in targets:
             there = layer_of(t)
-            if t == "bigmodel" and names and all(n.startswith("__") and n.endswith("__") for n in names):
-                continue
             if here is None or there is None or there > here:
                 where = "no layer" if there is None else f"layer {LAYERS[there][0]!r}"
                 bad.append(f"{known[m].relative_to(root.parent)}:{line} imports {t} ({where}) from layer "

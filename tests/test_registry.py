@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import bigmodel.components  # noqa: F401
 from bigmodel.registry import ARCHITECTURES, OBJECTIVES, PROTOCOLS, Registry
 
 # The smallest settings of each architecture (the defaults are used for anything not listed).

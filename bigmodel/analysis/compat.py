@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from rich.table import Table
 
-import bigmodel.components  # noqa: F401
 from bigmodel.registry import ARCHITECTURES, OBJECTIVES
 
 

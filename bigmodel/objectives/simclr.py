@@ -9,7 +9,7 @@ With several processes the batch is the global one, as in the paper (§B.1 "glob
 negatives of all cores): each rank gathers the projections of every rank, with gradients, and
 the projection head's BatchNorm normalises with statistics over every rank's rows, so the loss
 and its gradient are those of one process holding the whole batch
-(:func:`bigmodel.train.distributed.gather`).
+(:func:`bigmodel.collectives.gather`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from bigmodel import collectives
 from bigmodel.architectures.base import Backbone
 from bigmodel.data import augment
 from bigmodel.data.transforms import MEAN, STD, to_input
 from bigmodel.objectives.base import Objective
 from bigmodel.registry import OBJECTIVES
-from bigmodel.train import distributed
 
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
@@ -57,12 +57,12 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     gradients. In one process, and outside training, it is ``BatchNorm1d`` itself."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and distributed.gathering()):
+        if not (self.training and collectives.gathering()):
             return super().forward(x)
         xf = x.float()
-        n = len(x) * distributed.world()  # every rank holds the same number of rows
-        mean = distributed.all_reduce_sum(xf.sum(0)) / n
-        var = distributed.all_reduce_sum((xf - mean).pow(2).sum(0)) / n
+        n = len(x) * collectives.world()  # every rank holds the same number of rows
+        mean = collectives.all_reduce_sum(xf.sum(0)) / n
+        var = collectives.all_reduce_sum((xf - mean).pow(2).sum(0)) / n
         if self.track_running_stats:
             self._track(mean.detach(), var.detach(), n)
         y = (xf - mean) * torch.rsqrt(var + self.eps)
@@ -164,7 +164,7 @@ class SimCLR(Objective):
         """views: two ``(B, C, H, W)`` batches → NT-Xent loss and the positive's top-1 rate, over the
         global batch when ranks train together (the projections of every rank gathered)."""
         z1, z2 = self.head(self.backbone(torch.cat(views))).chunk(2)
-        z1, z2 = distributed.gather(z1), distributed.gather(z2)
+        z1, z2 = collectives.gather(z1), collectives.gather(z2)
         loss = nt_xent(z1, z2, self.temperature)
         with torch.no_grad():
             z = F.normalize(torch.cat([z1, z2]), dim=1)

@@ -6,7 +6,6 @@ import os
 
 import torch
 
-import bigmodel.components  # noqa: F401  (fills the registries)
 from bigmodel.architectures.base import Backbone
 from bigmodel.data.base import ImageDataset
 from bigmodel.data.loader import batches, rank_world  # noqa: F401  (batches: re-exported for the trainer)

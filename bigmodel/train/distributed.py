@@ -12,8 +12,9 @@ How a data-parallel run stays the run of one process:
   (:func:`rank_views`);
 - gradients are averaged across ranks (DDP, or FSDP2's reduce-scatter), after the last of the
   ``accum_steps`` micro-batches only (:func:`grad_sync`);
-- contrastive objectives see the global batch (:func:`gather`, :func:`all_reduce_sum`, both with
-  gradients), inside a training step only (:func:`data_parallel`);
+- contrastive objectives see the global batch (:func:`~bigmodel.collectives.gather`,
+  :func:`~bigmodel.collectives.all_reduce_sum`, both with gradients, in :mod:`bigmodel.collectives`
+  below the objectives), inside a training step only (:func:`~bigmodel.collectives.data_parallel`);
 - the ranks agree after every step on the mean scalars and on whether to stop (:func:`agree`);
 - only rank 0 writes logs, metrics and checkpoint metadata (:func:`is_main`).
 
@@ -36,10 +37,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bigmodel.collectives import (  # noqa: F401  (re-exported: the engine's side of the collectives)
+    all_reduce_sum,
+    data_parallel,
+    gather,
+    gathering,
+    world,
+)
 from bigmodel.data.loader import rank_rows, rank_world
+from bigmodel.errors import RecipeError
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for run.compile=true
-_active = False  # inside a data-parallel training step (see data_parallel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,12 +85,6 @@ def session() -> Iterator[None]:
 
 def rank() -> int:
     return rank_world()[0]
-
-
-def world() -> int:
-    """Processes training together: the group's size when one is joined, else 1. (The launcher's
-    ``WORLD_SIZE`` alone does not make a run distributed: :func:`init` must have run.)"""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_main() -> bool:
@@ -124,64 +126,6 @@ def seed_rank(seed: int, rank_: int, step: int = 0) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Inside a step
-
-
-@contextlib.contextmanager
-def data_parallel(world_: int) -> Iterator[None]:
-    """Mark the training steps of a run of ``world_`` processes: inside, :func:`gather` and
-    :func:`all_reduce_sum` communicate. Outside (an analysis forward on rank 0 after training,
-    a fine-tune) they are the identity, so no rank waits for a collective the others never call."""
-    global _active
-    before, _active = _active, world_ > 1 and world() > 1
-    try:
-        yield
-    finally:
-        _active = before
-
-
-def gathering() -> bool:
-    return _active
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's gradient with respect to every row, summed
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-class _AllReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """``x`` of every rank, concatenated in rank order along dim 0, differentiable: the backward
-    pass gives each rank the sum over the ranks of the gradients with respect to its rows. Every
-    rank's loss is then the global loss, each rank's parameter gradient ``world`` times its share
-    of the global gradient, and their DDP (or FSDP2) average the global gradient."""
-    return _Gather.apply(x) if _active else x
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """The sum of ``x`` over the ranks, differentiable (gradients are summed back alike)."""
-    return _AllReduce.apply(x) if _active else x
 
 
 def rank_views(model: nn.Module, images: torch.Tensor, generator: torch.Generator, rank_: int, world_: int,
@@ -250,8 +194,6 @@ def check(recipe: Any, model: nn.Module) -> None:
     Raises:
         RecipeError: naming the setting and what to change.
     """
-    from bigmodel.recipe import RecipeError
-
     try:
         rank_rows(recipe.optim.batch_size, recipe.optim.accum_steps, 0, world())
     except ValueError as e:

@@ -3,10 +3,11 @@
 :func:`fit` knows nothing of recipes or protocols: it trains an objective-like module (``views`` and
 ``forward(views, labels) -> {"loss", ...}``, see :class:`bigmodel.objectives.base.Objective`) with an
 optimizer, a learning-rate function and a stream of batches, through :func:`train_step`, and when
-given a folder it checkpoints, logs ``metrics.jsonl`` and resumes from there. :func:`pretrain` builds
-those from a recipe; :mod:`bigmodel.transfer.finetune` builds them from BiT-HyperRule.
+given a folder it checkpoints, logs ``metrics.jsonl`` and resumes from there.
+:func:`bigmodel.commands.pretrain.pretrain` builds those from a recipe;
+:mod:`bigmodel.transfer.finetune` builds them from BiT-HyperRule.
 
-Under torchrun every process runs :func:`pretrain` (DESIGN.md §7): :func:`fit` then sees the module a
+Under torchrun every process runs that entry point (DESIGN.md §7): :func:`fit` then sees the module a
 step runs (DDP or FSDP2, from :func:`bigmodel.train.distributed.wrap`), its rank and the world size
 (``Loop.rank``/``Loop.world``), and nothing else of the distribution — see
 :mod:`bigmodel.train.distributed` for how the run stays the run of one process.
@@ -25,10 +26,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from bigmodel.data.base import ImageDataset
 from bigmodel.errors import NonFiniteLoss
-from bigmodel.objectives.base import Objective
-from bigmodel.recipe import OptimConfig, Recipe
+from bigmodel.recipe import OptimConfig
 from bigmodel.train import checkpoint, distributed
 from bigmodel.train.logging import GracefulStop, MetricsLog, StepProgress
 
@@ -210,43 +209,3 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
         log.close()
     return {"steps_done": done, "stopped": stopping, "history": history}
 
-
-def pretrain(recipe: Recipe, run_dir: Path, data: ImageDataset, model: Objective,
-             console: Console | None = None) -> dict[str, Any]:
-    """Pretrain ``model`` on ``data`` (both from :func:`build.experiment`) into ``run_dir``,
-    resuming from its latest checkpoint if there is one. Returns a summary.
-
-    Under torchrun every rank calls it (after :func:`bigmodel.train.distributed.init`): each
-    trains on its rows of the global batch, with the settings of ``recipe.run`` applied by
-    :func:`bigmodel.train.distributed.wrap`. On return ``model`` is plain again and holds the
-    trained weights on every rank."""
-    # imported here: build fills the registries, whose fine-tune protocol imports this module
-    from bigmodel.train import build
-
-    console = console or Console()
-    cfg, run = recipe.optim, recipe.run
-    rank, world = distributed.rank(), distributed.world()
-    distributed.check(recipe, model)
-    model.setup(data)
-    dev = build.device(run)
-    if not (world > 1 and run.strategy == "fsdp"):  # FSDP2 moves its shards there; the whole model stays
-        model.to(dev)
-    net = distributed.wrap(model.train(), run, dev, world)
-    if world > 1:
-        distributed.seed_rank(run.seed, rank)  # forward-time draws (MAE's masks) differ between ranks
-    opt = build.optimizer(distributed.unwrapped(net), cfg)
-    dtype = build.autocast_dtype(run, dev)
-    loop = Loop(steps=cfg.steps, seed=run.seed, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, dtype=dtype,
-                run_dir=run_dir, checkpoint_every=run.checkpoint_every, keep_checkpoints=run.keep_checkpoints,
-                log_every=run.log_every, tensorboard=run.tensorboard, rank=rank, world=world,
-                meta={"recipe": recipe.raw, "num_classes": data.num_classes,  # the objective rebuilds without data
-                      "classes": list(getattr(data, "classes", None) or [])})
-    out = fit(model, opt, lambda step: lr_at(step, cfg),
-              lambda start: build.batches(data, cfg.batch_size, run.seed, start, cfg.steps, run.num_workers,
-                                          rank, world, cfg.accum_steps),
-              loop, console, net=net)
-    distributed.unwrap(net, model)
-    if out["stopped"] and rank == 0:
-        console.print(f"stopped at step {out['steps_done']}; checkpoint saved, resume with --resume {run_dir}")
-    return {"steps_done": out["steps_done"], "stopped": out["stopped"], "device": str(dev),
-            "precision": str(dtype or torch.float32).replace("torch.", ""), "processes": world}

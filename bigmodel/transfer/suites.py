@@ -25,7 +25,6 @@ from typing import Any
 
 import yaml
 
-import bigmodel.components  # noqa: F401  (fills the registries)
 from bigmodel.data import base as data_base
 from bigmodel.recipe import RecipeError, TransferSpec, _transfer, parse_override
 from bigmodel.registry import DATASETS, PROTOCOLS

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import bigmodel.components  # noqa: F401
 from bigmodel.analysis.compat import matrix
 from bigmodel.data.base import TensorImages
 from bigmodel.recipe import RecipeError, validate

@@ -74,11 +74,11 @@ def test_igpt_pretrains_on_shards(tmp_path) -> None:
 
     from rich.console import Console
 
+    from bigmodel.commands.pretrain import pretrain
     from bigmodel.data.shards import Shards, write_shards
     from bigmodel.objectives.autoregressive import palette_sample
     from bigmodel.recipe import validate
     from bigmodel.train import build
-    from bigmodel.train.trainer import pretrain
 
     g = torch.Generator().manual_seed(0)
     levels = torch.tensor([0, 60, 120, 180, 255], dtype=torch.uint8)

@@ -19,11 +19,12 @@ import torch
 from rich.console import Console
 from torch.nn.modules.module import register_module_forward_hook
 
+from bigmodel.commands.pretrain import pretrain
 from bigmodel.objectives.base import Objective
 from bigmodel.recipe import Recipe, validate
 from bigmodel.train import build, checkpoint, distributed
 from bigmodel.train.run_dir import open_run
-from bigmodel.train.trainer import NonFiniteLoss, pretrain
+from bigmodel.train.trainer import NonFiniteLoss
 from tests.helpers import REPO, env
 
 VIT = {"name": "vit", "size": "nano", "image_size": 16, "patch_size": 4, "in_chans": 1}

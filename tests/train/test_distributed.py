@@ -24,9 +24,9 @@ import pytest
 import torch
 from rich.console import Console
 
+from bigmodel.commands.pretrain import pretrain
 from bigmodel.recipe import resolve
 from bigmodel.train import build, checkpoint, distributed
-from bigmodel.train.trainer import pretrain
 from tests.helpers import REPO, env
 from tests.train import dist_cases as cases
 
