@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from rich.console import Console
 
@@ -28,8 +27,8 @@ from bigmodel.analysis import flops
 from bigmodel.analysis import report as run_report  # `report` is the function below
 from bigmodel.architectures.base import Backbone
 from bigmodel.commands.pretrain import pretrain
-from bigmodel.data.transforms import to_input
-from bigmodel.objectives.base import Objective
+from bigmodel.errors import CheckpointError
+from bigmodel.loader import Pretrained, load, load_backbone, run_dir_of  # noqa: F401  (the API's loader)
 from bigmodel.recipe import (
     Recipe,
     RecipeError,
@@ -152,61 +151,6 @@ def run_recipe(recipe: str | Path | dict[str, Any] | Recipe | None = "quickstart
     return Result(run_dir, json.loads(json.dumps(summary, default=str)))  # typed as report.json would be
 
 
-@dataclass
-class Pretrained:
-    """A checkpoint loaded by :func:`load` (``bigmodel.load``), on the run's device.
-
-    Attributes:
-        backbone: the pretrained backbone, weights loaded, in eval mode: ``backbone(x)`` gives
-            pooled features ``(B, feature_dim)`` of a preprocessed batch ``x``.
-        objective: the objective it was trained with (``objective.backbone is backbone``), heads
-            included (the classifier of a supervised run).
-        recipe: the resolved recipe of the run.
-        classes: the pretraining data's class names (empty when it has none, e.g. unlabelled).
-        checkpoint: the checkpoint folder (``RUN/checkpoints/step_*``); ``step`` its step.
-    """
-
-    backbone: Backbone
-    objective: Objective
-    recipe: Recipe
-    classes: list[str]
-    checkpoint: Path
-    step: int
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images ``(B, C, H, W)`` or one ``(C, H, W)`` → the float batch the backbone takes,
-        ``(B, in_chans, image_size, image_size)`` on its device (the transfer protocols' own
-        :func:`~bigmodel.data.transforms.to_input`: resized, channels matched, normalised)."""
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() not in (3, 4):
-            raise TypeError("preprocess takes a uint8 tensor (B, C, H, W) or (C, H, W)")
-        batch = images if images.dim() == 4 else images[None]
-        return to_input(batch, self.backbone.image_size, self.backbone.in_chans).to(self.device)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled features ``(B, feature_dim)`` of uint8 images (float32, no autocast, no grad)."""
-        with torch.no_grad():  # not inference_mode: the features may feed a head trained afterwards
-            return self.backbone(self.preprocess(images))
-
-
-def load(path: str | Path) -> Pretrained:
-    """``bigmodel.load``: the latest intact checkpoint of a run directory, or one checkpoint
-    folder, rebuilt from its ``meta.json`` alone (no pretraining data needed).
-
-    Raises:
-        CheckpointError: no intact checkpoint there, or weights that do not fit.
-    """
-    from bigmodel.analysis.figures import load_objective
-
-    model, found, recipe = load_objective(Path(path))
-    meta = checkpoint.load_meta(found)
-    return Pretrained(backbone=model.backbone, objective=model, recipe=recipe, classes=list(meta.get("classes") or []),
-                      checkpoint=found, step=meta["step"])
-
-
 def transfer_task(subject: str | Path | Pretrained | Backbone, task: str | dict[str, Any], protocol: str, *,
                   quiet: bool = False, console: Console | None = None, **settings: Any) -> dict[str, Any]:
     """``bigmodel.transfer``: score one task with one protocol and return its row (``results``
@@ -223,7 +167,7 @@ def transfer_task(subject: str | Path | Pretrained | Backbone, task: str | dict[
 
     Raises:
         RecipeError: an unknown task, protocol or setting, or one the task cannot serve.
-        FileNotFoundError: no checkpoint at a ``subject`` path.
+        CheckpointError: no intact checkpoint at a ``subject`` path.
     """
     entry = {"task": suites.task_entry(task) if isinstance(task, str) else dict(task), "protocol": protocol,
              **settings}
@@ -234,7 +178,7 @@ def transfer_task(subject: str | Path | Pretrained | Backbone, task: str | dict[
     suites.check(specs)
     net = subject.backbone if isinstance(subject, Pretrained) else subject
     dev = next(net.parameters()).device
-    run_cfg = subject.recipe.run if isinstance(subject, Pretrained) else None
+    run_cfg = subject.recipe.run if isinstance(subject, Pretrained) and subject.recipe else None
     dtype = build.autocast_dtype(run_cfg, dev) if run_cfg else None
     batch_size = run_cfg.eval_batch_size if run_cfg else RunConfig().eval_batch_size
     return run_suite(specs, {"pretrained": net}, batch_size, dtype, console)[0]
@@ -310,7 +254,10 @@ def _run_locked(recipe: Recipe, run_dir: Path, data: Any, model: Any, console: C
         if done:
             console.print(f"transfer: {len(done)} of {len(recipe.transfer)} rows already scored ({partial})",
                           highlight=False)
-        subjects = {"pretrained": backbone, "random_init": build.random_twin(recipe, data).to(dev), PIXELS: None}
+        # one device for every subject, the one `bigmodel transfer RUN` loads the checkpoint on (after
+        # FSDP the gathered model is in host memory)
+        subjects = {"pretrained": backbone.to(dev), "random_init": build.random_twin(recipe, data).to(dev),
+                    PIXELS: None}
 
         def keep(key: str, row: dict[str, Any]) -> None:  # each row is saved as soon as it is scored
             done[key] = row
@@ -327,7 +274,8 @@ def _run_locked(recipe: Recipe, run_dir: Path, data: Any, model: Any, console: C
         result["transfer_seconds"] = round(time.perf_counter() - t1, 1)
         console.print(table(rows))
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    _figures(run_dir, console)  # PNGs under RUN/figures, embedded by run_report.write
+    if recipe.run.figures:  # PNGs under RUN/figures, embedded by run_report.write
+        _figures(run_dir, console)
     json_path, html_path = run_report.write(run_dir, result)
     (run_dir / "transfer" / "partial.json").unlink(missing_ok=True)  # its rows are in report.json now
     console.print(f"report: {json_path}  {html_path}   ({result['seconds']:.0f}s)")

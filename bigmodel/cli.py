@@ -298,7 +298,8 @@ def parser() -> argparse.ArgumentParser:
                               "interpolation, the recipe's architecture section)")
     s.add_argument("checkpoint", metavar="RUN_DIR|CKPT", help="run directory (its latest intact checkpoint) or checkpoint folder")
     s.add_argument("--format", required=True, metavar="FORMAT", help="timm, onnx or safetensors")
-    s.add_argument("--out", metavar="PATH", help="output folder (default RUN_DIR/export/FORMAT)")
+    s.add_argument("--out", metavar="PATH", help="output folder (default RUN_DIR/export/FORMAT); for onnx, a name "
+                   "ending in .onnx is the model file itself, config.json beside it")
     s.set_defaults(fn=cmd_export)
     s = sub.add_parser("predict", help="top classes of image files from a supervised or fine-tuned checkpoint")
     s.add_argument("checkpoint", metavar="RUN_DIR|CKPT", help="run directory or checkpoint folder with a class head")
@@ -326,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except DiskFull as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ transfer ... --protocol finetune --set checkpoint_dir=DIR`` keeps its checkpoint
 
 Images are read as our image-folder data is (PIL, converted to the model's channels: ``L`` for
 grey models, ``RGB`` for colour ones), cut to their centre square when they are not square, and
-turned into the model's input exactly as in evaluation (:meth:`bigmodel.export.Loaded.test_input`:
+turned into the model's input exactly as in evaluation (:meth:`bigmodel.loader.Pretrained.preprocess`:
 :func:`~bigmodel.data.transforms.to_input`'s bilinear resize to the backbone's size and
 normalisation, or a fine-tuned model's centre crop). Class names come from the training data
 (``classes`` in the checkpoint's meta), else the label index.
@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from bigmodel import loader
 from bigmodel.data.imagefolder import centre_square
-from bigmodel.export import Loaded, load
-from bigmodel.recipe import RecipeError
+from bigmodel.errors import CheckpointError, ImageError, RecipeError
+from bigmodel.loader import Pretrained
 
 BATCH = 256  # images per forward pass
 
@@ -33,48 +34,48 @@ def read_image(path: str | Path, channels: int) -> torch.Tensor:
     or ``RGB`` (3), and cut to its centre ``S × S`` square, ``S`` its shorter side.
 
     Raises:
-        RecipeError: no such file, a folder, or a file PIL cannot decode (one line naming it).
+        ImageError: no such file, a folder, or a file PIL cannot decode (one line naming it).
     """
     from PIL import Image
 
     path = Path(path)
     if not path.exists():
-        raise RecipeError(f"predict: {path}: no such file")
+        raise ImageError(f"{path}: no such file")
     if not path.is_file():
-        raise RecipeError(f"predict: {path}: not a file (give image files)")
+        raise ImageError(f"{path}: not a file (give image files)")
     try:
         with Image.open(path) as im:
             im.load()  # decodes the whole file: truncated data raises here
             im = im.convert("L" if channels == 1 else "RGB")
     except Exception as e:  # noqa: BLE001  (PIL raises many kinds: UnidentifiedImageError, OSError, ...)
         why = f"{type(e).__name__}: {e}".replace(str(path), "<file>")
-        raise RecipeError(f"predict: {path} is not an image PIL can read ({why})") from None
+        raise ImageError(f"{path}: not an image PIL can read ({why})") from None
     a = np.asarray(centre_square(im))  # as an imagefolder cuts its images
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     return torch.from_numpy(a.copy())  # PIL's buffer is read-only
 
 
-def classifier(source: str | Path) -> Loaded:
-    """The checkpoint of ``source`` with its class head.
+def classifier(source: str | Path) -> Pretrained:
+    """The checkpoint of ``source`` with its class head, on the CPU.
 
     Raises:
-        RecipeError: the checkpoint cannot be loaded, or has no class head (self-supervised).
+        CheckpointError: the checkpoint cannot be loaded, or has no class head (self-supervised).
     """
-    loaded = load(source)
-    if not loaded.classes:
-        raise RecipeError(
-            f"predict: {source} is a {loaded.objective} checkpoint (self-supervised): it has no class head. Fine-tune "
+    loaded = loader.load(source, device="cpu")
+    if loaded.head is None:
+        raise CheckpointError(
+            f"predict: {source} is a {loaded.kind} checkpoint (self-supervised): it has no class head. Fine-tune "
             f"it on labelled data first, keeping the checkpoints: bigmodel transfer {source} --task TASK --protocol "
             f"finetune --set checkpoint_dir=DIR, then bigmodel predict DIR/<the folder it made> IMAGE...")
     return loaded
 
 
 @torch.inference_mode()
-def probabilities(loaded: Loaded, images: torch.Tensor) -> torch.Tensor:
+def probabilities(loaded: Pretrained, images: torch.Tensor) -> torch.Tensor:
     """uint8 images ``(N, C, S, S)`` (one size) → class probabilities ``(N, num_classes)``, float32."""
     out = []
     for i in range(0, len(images), BATCH):
-        x = loaded.test_input(images[i:i + BATCH])
+        x = loaded.preprocess(images[i:i + BATCH])
         out.append(loaded.logits(x).float().softmax(-1))
     return torch.cat(out)
 
@@ -87,7 +88,9 @@ def predict(source: str | Path, images: list[str | Path], top_k: int = 5) -> lis
         the order given, most probable first.
 
     Raises:
-        RecipeError: a bad ``top_k``, a checkpoint without a class head, or an unreadable image.
+        RecipeError: a bad ``top_k`` or no image.
+        CheckpointError: no checkpoint there, or one without a class head.
+        ImageError: an image file that cannot be read.
     """
     if top_k < 1:
         raise RecipeError(f"predict --top-k {top_k}: must be at least 1")
@@ -105,7 +108,7 @@ def predict(source: str | Path, images: list[str | Path], top_k: int = 5) -> lis
     results = []
     for path, row in zip(images, probs, strict=True):
         p, idx = row.topk(min(top_k, len(row)))
-        results.append({"image": str(path), "top": [{"class": loaded.classes[i], "index": i, "prob": float(q)}
+        results.append({"image": str(path), "top": [{"class": loaded.labels[i], "index": i, "prob": float(q)}
                                                     for q, i in zip(p.tolist(), idx.tolist(), strict=True)]})
     return results
 

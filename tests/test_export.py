@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from bigmodel.analysis.figures import load_objective
+from bigmodel.architectures.resnet import RESNET_STEMS
 from bigmodel.cli import main
-from bigmodel.export import RESNET_STEMS, export
+from bigmodel.export import export
 from bigmodel.recipe import resolve
 from bigmodel.registry import OBJECTIVES
 from bigmodel.train import build, checkpoint
@@ -158,39 +159,102 @@ def test_timm_refuses_what_it_cannot_express_and_writes_nothing(tmp_path, capsys
     run = saved_run(tmp_path, recipe, overrides)
     capsys.readouterr()
     assert main(["export", str(run), "--format", "timm"]) == 2
-    assert capsys.readouterr().err == f"recipe error: {message}\n"
+    assert capsys.readouterr().err == f"export error: {message}\n"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]  # no export folder, no temporary left
 
 
-ONNX = [
-    ("vit", "quickstart", VIT, 1, 16),
-    ("resnet-small-stem", "supervised-resnet", ["run.tiny=true", "architecture.image_size=16"], 1, 16),
-    ("v-moe", "mae-vit-moe", ["run.tiny=true", "architecture.image_size=16"], 1, 16),
+ONNX = [  # supervised checkpoints carry their classifier: logits and features
+    ("vit", "quickstart", VIT, 1, 16, ["logits", "features"]),
+    ("resnet-small-stem", "supervised-resnet", ["run.tiny=true", "architecture.image_size=16"], 1, 16,
+     ["logits", "features"]),
+    ("v-moe", "mae-vit-moe", ["run.tiny=true", "architecture.image_size=16"], 1, 16, ["features"]),
 ]
 
 
-@pytest.mark.parametrize("recipe,overrides,c,s", [pytest.param(*r[1:], id=r[0]) for r in ONNX])
-def test_onnx_matches_pytorch_at_any_batch_size(tmp_path, recipe, overrides, c, s):
+def assert_onnx_parity(path: Path, objective, c: int, s: int, outputs: list[str]) -> None:
+    """onnxruntime on ``path`` gives the objective's features (and its head's logits) at batch 1 and 3."""
     import onnxruntime
 
-    run = saved_run(tmp_path, recipe, overrides)
-    result = export(run, "onnx")
-    folder = Path(result["out"])
-    assert sorted(p.name for p in folder.iterdir()) == ["backbone.onnx", "config.json"]
-    session = onnxruntime.InferenceSession(str(folder / "backbone.onnx"), providers=["CPUExecutionProvider"])
-    (inp,), (out,) = session.get_inputs(), session.get_outputs()
-    assert (inp.name, out.name) == ("images", "features")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "images" and [o.name for o in session.get_outputs()] == outputs
     assert isinstance(inp.shape[0], str) and inp.shape[1:] == [c, s, s]  # the batch axis is symbolic
-    backbone = ours(run).backbone.eval()  # eval: the V-MoE serves every token's choices
+    backbone = objective.backbone.eval()  # eval: the V-MoE serves every token's choices
     for n in (1, 3):
         x = images(c, s, n)
         with torch.no_grad():
-            ref = backbone(x)
-        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-        assert got.shape == (n, backbone.feature_dim)
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+            feats = backbone(x)
+            ref = {"features": feats, "logits": objective.head(feats) if "logits" in outputs else None}
+        got = dict(zip(outputs, session.run(None, {"images": x.numpy()}), strict=True))
+        assert got["features"].shape == (n, backbone.feature_dim)
+        for name in outputs:
+            torch.testing.assert_close(torch.from_numpy(got[name]), ref[name], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("recipe,overrides,c,s,outputs", [pytest.param(*r[1:], id=r[0]) for r in ONNX])
+def test_onnx_matches_pytorch_at_any_batch_size(tmp_path, recipe, overrides, c, s, outputs):
+    run = saved_run(tmp_path, recipe, overrides)
+    result = export(run, "onnx")
+    folder = Path(result["out"])
+    name = "model.onnx" if "logits" in outputs else "backbone.onnx"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([name, "config.json"])
+    assert_onnx_parity(folder / name, ours(run), c, s, outputs)
     onnx_cfg = result["config"]["bigmodel"]["onnx"]
     assert onnx_cfg["input"] == "images" and onnx_cfg["max_abs_difference"] <= 1e-4
+    assert (onnx_cfg["file"], onnx_cfg["outputs"]) == (name, outputs)
+    n = len(CLASSES) if "logits" in outputs else 0
+    assert (result["config"]["num_classes"], result["config"].get("label_names")) == (n, CLASSES if n else None)
+
+
+def test_onnx_out_ending_in_onnx_is_the_model_file(tmp_path):
+    """``--out vit.onnx`` writes the model file ``vit.onnx`` with config.json beside it; any other
+    name is a folder."""
+    run = saved_run(tmp_path, "quickstart", VIT)
+    out = tmp_path / "models" / "vit.onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out)]) == 0
+    assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["config.json", "vit.onnx"]
+    cfg = json.loads((out.parent / "config.json").read_text())
+    assert cfg["bigmodel"]["onnx"]["file"] == "vit.onnx" and cfg["label_names"] == CLASSES
+    assert_onnx_parity(out, ours(run), 1, 16, ["logits", "features"])
+    folder = tmp_path / "vit-folder"
+    assert Path(export(run, "onnx", folder)["out"]) == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.onnx"]
+
+
+@pytest.mark.parametrize("fmt,make_dir,message", [
+    ("timm", False, "export error: export --format timm --out {out}: a name ending in .onnx is an ONNX model file; "
+                    "give --format onnx, or a folder"),
+    ("onnx", True, "export error: export --out {out}: a folder of that name exists; a name ending in .onnx is the "
+                   "model file itself: move the folder aside or give another name"),
+])
+def test_onnx_names_are_refused_where_they_cannot_be_the_file(tmp_path, capsys, fmt, make_dir, message):
+    run = saved_run(tmp_path, "quickstart", VIT)
+    out = tmp_path / "vit.onnx"
+    if make_dir:
+        out.mkdir()
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == message.format(out=out) + "\n"
+    assert out.is_dir() == make_dir and not (tmp_path / "config.json").exists()
+
+
+def test_onnx_of_a_finetuned_checkpoint_is_its_classifier(tmp_path):
+    """A fine-tune's ONNX model takes its test view (the centre crop) and gives the fine-tuned head's
+    logits, as PyTorch's classifier does."""
+    from bigmodel.data.base import TensorImages
+    from bigmodel.transfer.finetune import Finetune
+
+    run = saved_run(tmp_path, "quickstart", VIT)
+    net = ours(run).backbone
+    g = torch.Generator().manual_seed(0)
+    train = TensorImages(torch.randint(0, 256, (24, 1, 16, 16), dtype=torch.uint8, generator=g),
+                         torch.arange(24) % 3, classes=CLASSES)
+    model, schedule = Finetune(steps=2, batch_size=8, checkpoint_dir=str(tmp_path / "ft")).fit(net, train)
+    (folder,) = (tmp_path / "ft").iterdir()
+    result = export(folder, "onnx", tmp_path / "ft.onnx")
+    assert result["config"]["pretrained_cfg"]["input_size"] == [1, schedule.crop, schedule.crop]
+    assert result["config"]["label_names"] == CLASSES and result["config"]["bigmodel"]["objective"] == "finetune"
+    assert_onnx_parity(tmp_path / "ft.onnx", model.cpu(), 1, schedule.crop, ["logits", "features"])
 
 
 def test_safetensors_holds_the_backbone_alone_with_its_preprocessing(tmp_path):

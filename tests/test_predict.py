@@ -13,6 +13,7 @@ from PIL import Image
 from bigmodel import api
 from bigmodel.cli import main
 from bigmodel.data.transforms import to_input
+from bigmodel.errors import ImageError
 from bigmodel.export import export
 from bigmodel.predict import predict, read_image
 from bigmodel.train import checkpoint
@@ -126,7 +127,7 @@ def test_predict_refuses_a_self_supervised_checkpoint(mnist, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "mae"), str(mnist["pngs"][0])]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == (f"recipe error: predict: {tmp_path / 'mae'} is a mae checkpoint (self-supervised): it has no class "
+    assert err == (f"checkpoint error: predict: {tmp_path / 'mae'} is a mae checkpoint (self-supervised): it has no class "
                    f"head. Fine-tune it on labelled data first, keeping the checkpoints: bigmodel transfer "
                    f"{tmp_path / 'mae'} --task TASK --protocol finetune --set checkpoint_dir=DIR, then bigmodel "
                    f"predict DIR/<the folder it made> IMAGE...\n")
@@ -147,3 +148,18 @@ def test_predict_api_refuses_a_bad_top_k(mnist):
 
     with pytest.raises(RecipeError, match="predict --top-k 0: must be at least 1"):
         predict(mnist["run"], mnist["pngs"][:1], top_k=0)
+
+
+def test_an_unreadable_image_is_an_image_error(tmp_path, capsys):
+    from tests.test_export import VIT, saved_run
+
+    run = saved_run(tmp_path, "quickstart", VIT)
+    notes = tmp_path / "notes.png"
+    notes.write_text("a shopping list, not an image\n")
+    line = f"{notes}: not an image PIL can read (UnidentifiedImageError: cannot identify image file '<file>')"
+    with pytest.raises(ImageError) as e:
+        read_image(notes, 1)
+    assert str(e.value) == line
+    capsys.readouterr()
+    assert main(["predict", str(run), str(notes)]) == 2
+    assert capsys.readouterr() == ("", f"image error: {line}\n")

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from bigmodel import loader
+
 BUILDERS = ("attention", "gradcam", "reconstruction", "completions", "expert_load")
 SAMPLES = 8  # test images shown by the model builders
 PROBE_TRAIN, PROBE_TEST = 2000, 1000  # images of the confusion-matrix probe
@@ -31,33 +33,15 @@ TSNE_IMAGES_TINY = 150  # run.tiny: a map that draws in well under a second (the
 
 
 def load_objective(run_dir: Path) -> tuple[Any, Path, Any]:
-    """The objective (backbone and heads) of a run's latest intact checkpoint, rebuilt from its
-    ``meta.json`` alone (no pretraining data), in eval mode on the run's device; returns
-    ``(objective, checkpoint folder, recipe)``.
+    """The objective (backbone and heads) of a run's latest intact checkpoint, rebuilt by the
+    loader (:func:`bigmodel.loader.pretraining`) without the pretraining data, in eval mode on the
+    run's device; returns ``(objective, checkpoint folder, recipe)``.
 
     Raises:
-        CheckpointError: no intact checkpoint, or weights that do not fit.
+        CheckpointError: no intact checkpoint, a fine-tune's, or weights that do not fit.
     """
-    from bigmodel.recipe import validate
-    from bigmodel.registry import OBJECTIVES
-    from bigmodel.train import build, checkpoint
-
-    found = checkpoint.latest(Path(run_dir))
-    if found is None:
-        raise checkpoint.CheckpointError(f"{run_dir}: no checkpoint (is it a bigmodel run directory?)")
-    meta = checkpoint.load_meta(found)
-    recipe = validate(meta["recipe"])
-    cls = OBJECTIVES.get(recipe.objective.name)
-    num_classes = meta.get("num_classes")
-    if num_classes is None:  # checkpoints saved before meta.json recorded it: the classifier's rows
-        from safetensors import safe_open
-
-        with safe_open(str(found / "model.safetensors"), "pt") as f:
-            num_classes = f.get_slice("head.weight").get_shape()[0] if "head.weight" in f.keys() else 0
-    net = build.backbone(recipe.architecture)
-    model = cls(backbone=net, num_classes=num_classes, **recipe.objective.kwargs)
-    checkpoint.load_weights(found, model)
-    return model.to(build.device(recipe.run)).eval(), found, recipe
+    m = loader.pretraining(run_dir)
+    return m.objective, m.checkpoint, m.recipe
 
 
 def _subset(data: Any, n: int, seed: int = 0) -> Any:
@@ -105,7 +89,7 @@ def make_all(run_dir: Path, console: Console | None = None) -> list[Path]:
     when it cannot be loaded here (the others still come)."""
     from bigmodel.analysis import confusion, curves, embedding
     from bigmodel.train import build
-    from bigmodel.train.logging import read_metrics
+    from bigmodel.train.metrics import read_metrics
 
     console = console or Console(quiet=True)
     run_dir = Path(run_dir)

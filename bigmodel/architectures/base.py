@@ -7,11 +7,14 @@ transfer protocols, never here, so any backbone composes with any compatible obj
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from bigmodel.errors import ExportError
 
 # Capabilities an objective may require (see Objective.requires).
 # TOKENS: patch tokens with a token-dropping path (needed by MAE): ``patch_size``, ``num_patches``
@@ -99,3 +102,28 @@ class AuxLossSource(nn.Module):
     def record(self, loss: torch.Tensor) -> None:
         if self.recording:
             self.aux_terms.append(loss.float())
+
+
+# Export to timm (timm's ``checkpoint_filter_fn`` pattern): each architecture module that has a timm
+# counterpart defines ``to_timm(backbone, section) -> TimmSpec`` beside the architecture, and refuses
+# with :func:`no_timm` what timm cannot express. ``bigmodel.export.timm`` calls them.
+
+TIMM_INSTEAD = "use --format onnx or safetensors"
+
+
+@dataclasses.dataclass
+class TimmSpec:
+    """A timm model that holds a backbone: ``timm.create_model(name, pretrained=False, **kwargs)``
+    then ``load_state_dict(state_dict)`` computes the backbone's pooled features as
+    ``forward_head(forward_features(x), pre_logits=True)``; ``notes`` say what differs in form (not
+    in outputs)."""
+
+    name: str
+    kwargs: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def no_timm(why: str) -> ExportError:
+    """The one-line refusal of a timm export: ``why`` names the setting and the reason."""
+    return ExportError(f"export --format timm: {why}")

@@ -150,3 +150,33 @@ def make_sparse(blocks: nn.Sequential, cfg: MoEConfig) -> list[int]:
             block.mlp = MoEMlp(dense.fc1.in_features, dense.fc1.out_features, cfg)
             changed.append(i)
     return changed
+
+
+class DenseMoE(nn.Module):
+    """A :class:`MoEMlp` in its evaluation form with shapes that do not depend on the routing, for
+    graph exporters (ONNX): every expert runs on every token, and each token's output is the
+    gate-weighted sum of its ``top_k`` experts (the others weighted 0) — the function of
+    :meth:`MoEMlp.forward_all_choices` (no token dropped), which itself splits the tokens by expert
+    counts read on the host, something an ONNX graph cannot hold. Costs ``experts / top_k`` times
+    the expert compute; shares the router's and experts' weights."""
+
+    def __init__(self, moe: MoEMlp):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, D) → (B, N, D)``."""
+        tokens = x.reshape(-1, x.shape[-1])
+        probs, gate, expert = self.moe.choose(tokens)  # the MoE's own routing rule
+        combine = torch.zeros_like(probs).scatter(-1, expert, gate).to(tokens.dtype)  # (S, E), top_k nonzero
+        out = torch.stack([mlp(tokens) for mlp in self.moe.experts], 1)  # (S, E, D)
+        return (out * combine[..., None]).sum(1).view_as(x)
+
+
+def densified(net: nn.Module) -> nn.Module:
+    """``net`` with every :class:`MoEMlp` replaced, in place, by its :class:`DenseMoE`."""
+    for name, m in list(net.named_modules()):
+        if isinstance(m, MoEMlp):
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent), child, DenseMoE(m))
+    return net

@@ -40,7 +40,7 @@ from timm.layers import StdConv2d as TimmStdConv2d
 from timm.models.resnetv2 import ResNetV2
 from torch import nn
 
-from bigmodel.architectures.base import Backbone
+from bigmodel.architectures.base import TIMM_INSTEAD, Backbone, TimmSpec, no_timm
 from bigmodel.registry import ARCHITECTURES
 
 # depth → (blocks per stage, stage widths at width 1, bottleneck blocks?)
@@ -146,3 +146,62 @@ class ResNet(Backbone):
                 out.append([f"s{si + 1}b{bi + 1}", h])
         out[-1][1] = self.net.norm(h)
         return [(name, self.pool(h)) for name, h in out]
+
+
+RESNET_STEMS = "'', 'fixed', 'same', 'deep', 'deep_fixed', 'deep_same', 'tiered'"  # timm ResNetV2's stem_type values
+
+
+def _standardized(conv: nn.Conv2d) -> torch.Tensor:
+    """The weight a ``StdConv2d`` convolves with: standardised per output channel, exactly as its
+    forward computes it."""
+    w = conv.weight.detach()
+    return F.batch_norm(w.reshape(1, conv.out_channels, -1), None, None, training=True, momentum=0.0,
+                        eps=conv.eps).reshape_as(w)
+
+
+def to_timm(bb: ResNet, section: dict[str, Any]) -> TimmSpec:
+    """Our ResNet is timm's ResNetV2 with BiT's settings. Depth 50 is timm's ``resnetv2_50x1_bit``
+    (weight-standardised convolutions with BiT's epsilon 1e-8) with our widths. Depths 18 and 26 have
+    no timm entry point with weight-standardised convolutions whose blocks can be set by keyword (the
+    ``_bit`` entry points fix 50/101/152 layers, and a JSON config cannot name a convolution class), so
+    they are ``resnetv2_18`` / ``resnetv2_50`` with our blocks, GroupNorm and plain convolutions that
+    hold the standardised weights: the same outputs, but further training in timm would not
+    standardise them.
+
+    Raises:
+        ExportError: the small-image stem (every timm ResNetV2 stem ends in a stride-2 max-pool
+            after a stride-2 conv), or a GroupNorm with other than 32 groups (timm's
+            ``norm_layer='groupnorm'`` has 32, and a JSON config cannot pass another count).
+    """
+    net = bb.net
+    if not hasattr(net.stem, "pool"):
+        conv = net.stem.conv
+        raise no_timm(
+            f"architecture.stem={section.get('stem', 'auto')!r} at image_size={bb.image_size} is the small-image stem "
+            f"(one {conv.kernel_size[0]}x{conv.kernel_size[0]} stride-{conv.stride[0]} convolution, no max-pool); "
+            f"timm's ResNetV2 has no such stem: each of its stem_type values ({RESNET_STEMS}) is a stride-2 "
+            f"convolution followed by a stride-2 max-pool (input / 4), and a config cannot replace it; {TIMM_INSTEAD}, "
+            f"or pretrain with architecture.stem=bit")
+    for name, m in net.named_modules():
+        if isinstance(m, GroupNormAct) and m.num_groups != 32:
+            raise no_timm(
+                f"architecture.groups={section.get('groups', 32)}, width={section.get('width', 1.0)}: the GroupNorm "
+                f"{name} over {m.num_channels} channels has {m.num_groups} groups; timm's ResNetV2 makes every "
+                f"GroupNorm with 32 groups (norm_layer='groupnorm') and a config cannot set another count; "
+                f"{TIMM_INSTEAD}, or pretrain with groups=32 and a width whose channel counts are multiples of 32")
+    basic = not DEPTHS[bb.depth][2]
+    channels = [f["num_chs"] for f in net.feature_info[1:]]
+    common = dict(channels=channels, stem_chs=net.stem.conv.out_channels, in_chans=bb.in_chans)
+    if bb.depth == 50:
+        notes = {"weight_standardization": "in the model: timm's StdConv2d (eps 1e-8), as pretrained"}
+        return TimmSpec("resnetv2_50x1_bit", common, dict(net.state_dict()), notes)
+    modules = dict(net.named_modules())
+    state = {}
+    for k, t in net.state_dict().items():
+        owner = modules.get(k.rpartition(".")[0])
+        state[k] = _standardized(owner) if isinstance(owner, TimmStdConv2d) and k.endswith(".weight") else t
+    kwargs = dict(layers=[len(s.blocks) for s in net.stages], basic=basic, bottle_ratio=1.0 if basic else 0.25,
+                  stem_type="fixed", norm_layer="groupnorm", **common)
+    notes = {"weight_standardization": "folded into the weights of plain convolutions (same outputs; training "
+                                       "further in timm does not standardise them)"}
+    return TimmSpec("resnetv2_18" if basic else "resnetv2_50", kwargs, state, notes)

@@ -23,6 +23,7 @@ recipe error and no run directory is written.
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,7 +35,7 @@ from pydantic import AfterValidator, Field, ValidationInfo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from bigmodel.architectures.base import TOKENS, Backbone
+from bigmodel.architectures.base import TOKENS, Backbone, TimmSpec
 from bigmodel.registry import ARCHITECTURES
 
 # Keys the recipe sets itself; in model_kwargs they would contradict it.
@@ -257,3 +258,12 @@ class TimmBackbone(Backbone):
         out[-1] = (out[-1][0], m.forward_head(final, pre_logits=True))
         return out
 
+
+def to_timm(bb: TimmBackbone, section: dict[str, Any]) -> TimmSpec:
+    """A ``timm`` backbone is a timm model already (``bb.model``): the section's model name and
+    keyword arguments, with ``img_size`` where the model's class takes one."""
+    kwargs = {"in_chans": bb.in_chans, **(section.get("model_kwargs") or {})}
+    if "img_size" in inspect.signature(type(bb.model).__init__).parameters:
+        kwargs["img_size"] = bb.image_size
+    state = {k.removeprefix("model."): t for k, t in bb.state_dict().items()}
+    return TimmSpec(section["model"], kwargs, state)

@@ -17,7 +17,7 @@ decoder, ImageGPT) uses it.
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from pydantic import Field
 from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import VisionTransformer
 
-from bigmodel.architectures.base import TOKENS, Backbone
+from bigmodel.architectures.base import TIMM_INSTEAD, TOKENS, Backbone, TimmSpec, no_timm
 from bigmodel.architectures.moe import MoEConfig, make_sparse
 from bigmodel.registry import ARCHITECTURES
 
@@ -151,3 +151,33 @@ class ViT(Backbone):
         _, inter = self.vit.forward_intermediates(x, norm=True, output_fmt="NLC", return_prefix_tokens=True)
         return [(f"block{i + 1}", self.pool(torch.cat([prefix, tokens], 1)))
                 for i, (tokens, prefix) in enumerate(inter)]
+
+
+# our sizes → the timm entry point of the same width/depth/heads (nano and micro have none: the entry
+# point only picks timm's VisionTransformer, every size argument is given explicitly)
+TIMM_NAMES = {"tiny": "vit_tiny_patch16_224", "small": "vit_small_patch16_224",
+              "base": "vit_base_patch16_224", "large": "vit_large_patch16_224"}
+
+
+def to_timm(bb: ViT, section: dict[str, Any]) -> TimmSpec:
+    """Our ViT is timm's VisionTransformer (class token, learned position embeddings over class and
+    patch tokens, pre-norm blocks with GELU MLPs and a fused qkv, final LayerNorm, no ``fc_norm``):
+    the same module tree, so the state dict only loses our ``vit.`` prefix. ``global_pool: avg``
+    pools the patch tokens after the final norm, which is timm's ``global_pool='avg'`` with
+    ``fc_norm=False`` (timm's default for avg would move the norm after pooling).
+
+    Raises:
+        ExportError: mixture-of-experts blocks (timm's blocks have one dense MLP).
+    """
+    if bb.moe_blocks:
+        moe = bb.vit.blocks[bb.moe_blocks[0]].mlp.cfg
+        blocks = ", ".join(str(i + 1) for i in bb.moe_blocks)
+        raise no_timm(f"architecture.moe: blocks {blocks} of {len(bb.vit.blocks)} are mixture-of-experts MLPs "
+                      f"({moe.experts} experts behind a router, top-{moe.top_k} routing); timm's VisionTransformer has "
+                      f"one dense MLP per block, so no timm model holds these weights; {TIMM_INSTEAD}")
+    v = bb.vit
+    kwargs = dict(img_size=bb.image_size, patch_size=bb.patch_size, in_chans=bb.in_chans, embed_dim=v.embed_dim,
+                  depth=len(v.blocks), num_heads=v.blocks[0].attn.num_heads, class_token=True,
+                  global_pool=bb.global_pool, fc_norm=False)
+    state = {k.removeprefix("vit."): t for k, t in bb.state_dict().items()}
+    return TimmSpec(TIMM_NAMES.get(section.get("size"), TIMM_NAMES["tiny"]), kwargs, state)

@@ -167,7 +167,7 @@ def test_analyze_against_itself_and_against_another_architecture(tiny_run, tmp_p
     (["--task", "digits", "--limit", "1"], "recipe error: --limit 1: must be at least 2 images per split"),
     (["--task", "nosuchset"], "recipe error: --task nosuchset: task.name = 'nosuchset': unknown dataset; valid: "),
     (["--task", "digits", "--against", "/nonexistent/run"],
-     "recipe error: --against /nonexistent/run: no complete checkpoint"),
+     "checkpoint error: --against /nonexistent/run: no such run directory or checkpoint folder"),
 ])
 def test_analyze_bad_input_is_one_line(tiny_run, capsys, argv, message) -> None:
     capsys.readouterr()
@@ -179,7 +179,7 @@ def test_analyze_bad_input_is_one_line(tiny_run, capsys, argv, message) -> None:
 def test_analyze_without_a_checkpoint(tmp_path, capsys) -> None:
     assert main(["analyze", str(tmp_path), "--task", "digits"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"recipe error: {tmp_path}: no complete checkpoint (expected a run directory or checkpoints/step_*)"
+    assert err == f"checkpoint error: {tmp_path}: no complete checkpoint (expected a run directory or checkpoints/step_*)"
 
 
 def test_analyze_against_a_finetuned_copy(tiny_run, capsys) -> None:

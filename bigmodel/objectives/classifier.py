@@ -1,0 +1,107 @@
+"""The fine-tuned classifier: a backbone with a task head, trained as an objective by the
+finetune protocol (:mod:`bigmodel.transfer.finetune`, BiT-HyperRule) through the one training
+loop, with the schedule that sets its training and test views.
+
+It lives with the objectives, below the engine, because a fine-tune checkpoint holds one: the
+loader (:mod:`bigmodel.loader`) rebuilds it, test view included, from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigmodel.architectures.base import Backbone
+from bigmodel.data.transforms import random_crop, random_crop_flip, to_input
+from bigmodel.objectives.base import Objective
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A fine-tuning schedule: what :func:`bigmodel.transfer.finetune.hyperrule` chose (plus any overrides)."""
+
+    regime: str
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    decay_steps: tuple[int, ...]
+    decay_factor: float
+    mixup_alpha: float
+    momentum: float
+    weight_decay: float
+    resize: int  # training images are resized to resize², then randomly cropped to crop²
+    crop: int
+    test_size: int
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to ``lr``, then ×``decay_factor`` at each of ``decay_steps``."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        return self.lr * self.decay_factor ** sum(step >= s for s in self.decay_steps)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Classifier(Objective):
+    """A backbone with a zero-initialised task head, trained as an objective: BiT's training views
+    (resize, random crop, optional flip; MixUp with one λ per batch) and cross-entropy.
+
+    :meth:`logits` maps normalised images ``(B, C, S, S)`` to ``(B, num_classes)``. After
+    :meth:`~bigmodel.transfer.finetune.Finetune.fit`, ``train_loss`` is the mean logged training loss
+    of the last tenth of steps.
+    """
+
+    train_loss: float | None = None
+
+    def __init__(self, backbone: Backbone, num_classes: int, schedule: Schedule, flip: bool = False,
+                 test_crop: bool = True):
+        super().__init__(backbone)
+        self.head = nn.Linear(backbone.feature_dim, num_classes)
+        nn.init.zeros_(self.head.weight)  # BiT: the new head starts at zero
+        nn.init.zeros_(self.head.bias)
+        self.schedule, self.flip, self.test_crop = schedule, flip, test_crop
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def test_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, C, H, W)`` → ``(B, in_chans, crop, crop)``: the centre crop of the image resized
+        as in training (objects at the training scale), or with ``test_crop`` off, BiT's whole image
+        resized to the crop size."""
+        s, c = self.schedule, self.backbone.in_chans
+        if not self.test_crop:
+            return to_input(images, s.test_size, c)
+        o = (s.resize - s.crop) // 2
+        return to_input(images, s.resize, c)[..., o:o + s.crop, o:o + s.crop]
+
+    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """uint8 ``(B, C, H, W)`` → ``[crops (B, in_chans, crop, crop)]``, plus ``(B,)`` MixUp
+        weights (one λ for the batch) when MixUp is on."""
+        s = self.schedule
+        x = to_input(images, s.resize, self.backbone.in_chans)
+        x = random_crop_flip(random_crop(x, s.crop, generator), generator, pad=0, flip=self.flip)
+        if s.mixup_alpha <= 0:
+            return [x]
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        lam = float(np.random.default_rng(seed).beta(s.mixup_alpha, s.mixup_alpha))
+        return [x, torch.full((len(x),), lam)]
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-entropy (MixUp: image ``i`` mixed with image ``B - 1 - i`` of the micro-batch, as
+        in :mod:`bigmodel.objectives.supervised`) and top-1 on the batch's own labels."""
+        x = views[0]
+        lam = views[1][:1].to(x.dtype)[:, None, None, None] if len(views) == 2 else None
+        if lam is not None:
+            x = lam * x + (1 - lam) * x.flip(0)
+        logits = self.logits(x).float()
+        loss = F.cross_entropy(logits, labels)
+        if lam is not None:
+            loss = lam.flatten()[0] * loss + (1 - lam.flatten()[0]) * F.cross_entropy(logits, labels.flip(0))
+        return {"loss": loss, "acc": (logits.argmax(-1) == labels).float().mean()}
