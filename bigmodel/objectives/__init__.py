@@ -1,6 +1,6 @@
 """Objectives, one file each; importing the package registers them."""
 
-from bigmodel.objectives import autoregressive, mae, simclr, supervised  # noqa: F401
+from bigmodel.objectives import autoregressive, byol, mae, simclr, supervised  # noqa: F401
 from bigmodel.objectives.base import Objective
 
 __all__ = ["Objective"]
