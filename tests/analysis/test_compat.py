@@ -24,7 +24,8 @@ PAIRS = [(a, o) for a, row in matrix().items() for o in row]
 # block's (as in iGPT), so for any objective but next-pixel prediction the blocks above it and the
 # final norm of the tiny (4-block) model are unused.
 IGPT_ABOVE_FEATURES = ("blocks.2.", "blocks.3.", "norm.")
-NO_GRAD = {("igpt", "simclr"): IGPT_ABOVE_FEATURES, ("igpt", "supervised"): IGPT_ABOVE_FEATURES}
+NO_GRAD = {("igpt", "simclr"): IGPT_ABOVE_FEATURES, ("igpt", "supervised"): IGPT_ABOVE_FEATURES,
+           ("igpt", "byol"): IGPT_ABOVE_FEATURES}
 
 
 def zero_branches(net: torch.nn.Module) -> list[str]:
