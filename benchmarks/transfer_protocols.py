@@ -53,7 +53,7 @@ def main() -> None:
     from bigmodel.recipe import parse_override, resolve
     from bigmodel.train import build, checkpoint
     from bigmodel.transfer import suites
-    from bigmodel.transfer.suite import provenance, run_suite, write_report
+    from bigmodel.transfer.runner import provenance, run_suite, write_report
 
     t_start = time.perf_counter()
     run_dir = Path(args.checkpoint)
@@ -99,7 +99,7 @@ def main() -> None:
 
 def markdown(rows, args, run_dir, pretrain_s, transfer_s, total_s) -> str:
     from bigmodel.train import checkpoint
-    from bigmodel.transfer.suite import task_label
+    from bigmodel.transfer.runner import task_label
 
     meta = checkpoint.load_meta(checkpoint.latest(run_dir))
     arch = meta["recipe"]["architecture"]

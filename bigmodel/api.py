@@ -43,7 +43,7 @@ from bigmodel.train import build, checkpoint, distributed
 from bigmodel.train.logging import GracefulStop
 from bigmodel.train.run_dir import open_run
 from bigmodel.transfer import suites
-from bigmodel.transfer.suite import (
+from bigmodel.transfer.runner import (
     PIXELS,
     provenance,
     read_partial,

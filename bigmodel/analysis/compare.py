@@ -49,7 +49,7 @@ def power_law(x: Any, error: Any) -> dict[str, float]:
 
 def column(row: dict[str, Any]) -> str:
     """The table column of a transfer row: ``task · protocol`` (few-shot: its primary shot count)."""
-    from bigmodel.transfer.suite import protocol_label, task_label
+    from bigmodel.transfer.runner import protocol_label, task_label
 
     return f"{task_label(row)} · {protocol_label(row)}"
 

@@ -103,7 +103,7 @@ def _loss_png(metrics: list[dict[str, Any]]) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    from bigmodel.transfer.suite import subjects_of, table_lines
+    from bigmodel.transfer.runner import subjects_of, table_lines
 
     subjects = subjects_of(rows)
     head = "".join(f"<th>{html.escape(s)}</th>" for s in subjects)

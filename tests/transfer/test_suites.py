@@ -157,7 +157,7 @@ def test_feature_progress_line(tiny_mlp, monkeypatch):
 
 
 def test_table_lines_show_every_shot_count_with_its_spread() -> None:
-    from bigmodel.transfer.suite import table_lines
+    from bigmodel.transfer.runner import table_lines
 
     per = {"1": {"mean": 40.0, "std": 4.5, "runs": [1]}, "10": {"mean": 75.07, "std": 1.494, "runs": [1]}}
     rows = [{"task": "digits", "task_settings": {}, "protocol": "linear", "settings": {},

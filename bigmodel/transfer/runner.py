@@ -1,5 +1,6 @@
-"""A transfer suite: (task, protocol) pairs scored for several subjects — the pretrained backbone,
-its randomly initialised twin and raw pixels — with the settings behind every number.
+"""Runs a transfer suite: (task, protocol) pairs scored for several subjects — the pretrained
+backbone, its randomly initialised twin and raw pixels — with the settings behind every number.
+(What a suite holds, and the named suites, are :mod:`bigmodel.transfer.suites`.)
 
 Evaluation provenance: each row carries the task and its settings, the protocol and its settings,
 n_train/n_test, and per subject the result (with whatever the protocol chose for the task, e.g. the
@@ -22,6 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bigmodel import __version__
 from bigmodel.architectures.base import Backbone
 from bigmodel.recipe import TransferSpec
 from bigmodel.registry import PROTOCOLS
@@ -46,7 +48,7 @@ def run_suite(specs: list[TransferSpec], subjects: dict[str, Backbone | None], b
     Args:
         done: rows already scored, by :func:`spec_key`: taken as they are, not recomputed.
         on_row: called with ``(key, row)`` after each row is scored (to save it at once).
-        stop: anything with a ``requested`` flag (:class:`~bigmodel.train.logging.GracefulStop`):
+        stop: anything with a ``requested`` flag (:class:`~bigmodel.train.signals.GracefulStop`):
             once set, the suite ends after the row in progress and returns the rows so far, fewer
             than ``specs``.
     """
@@ -100,9 +102,7 @@ def run_suite(specs: list[TransferSpec], subjects: dict[str, Backbone | None], b
 
 def versions() -> dict[str, str]:
     """Versions of Python, bigmodel and the libraries a number depends on."""
-    import bigmodel
-
-    out = {"python": platform.python_version(), "bigmodel": bigmodel.__version__}
+    out = {"python": platform.python_version(), "bigmodel": __version__}
     for dist in ("torch", "torchvision", "timm", "scikit-learn", "numpy"):
         try:
             out[dist] = metadata.version(dist)
