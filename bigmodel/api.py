@@ -254,10 +254,7 @@ def _run_locked(recipe: Recipe, run_dir: Path, data: Any, model: Any, console: C
         if done:
             console.print(f"transfer: {len(done)} of {len(recipe.transfer)} rows already scored ({partial})",
                           highlight=False)
-        # one device for every subject, the one `bigmodel transfer RUN` loads the checkpoint on (after
-        # FSDP the gathered model is in host memory)
-        subjects = {"pretrained": backbone.to(dev), "random_init": build.random_twin(recipe, data).to(dev),
-                    PIXELS: None}
+        subjects = {"pretrained": backbone, "random_init": build.random_twin(recipe, data).to(dev), PIXELS: None}
 
         def keep(key: str, row: dict[str, Any]) -> None:  # each row is saved as soon as it is scored
             done[key] = row
@@ -274,29 +271,11 @@ def _run_locked(recipe: Recipe, run_dir: Path, data: Any, model: Any, console: C
         result["transfer_seconds"] = round(time.perf_counter() - t1, 1)
         console.print(table(rows))
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    if recipe.run.figures:  # PNGs under RUN/figures, embedded by run_report.write
-        _figures(run_dir, console)
+    _figures(run_dir, console)  # PNGs under RUN/figures, embedded by run_report.write
     json_path, html_path = run_report.write(run_dir, result)
     (run_dir / "transfer" / "partial.json").unlink(missing_ok=True)  # its rows are in report.json now
     console.print(f"report: {json_path}  {html_path}   ({result['seconds']:.0f}s)")
     return result
-
-
-def load_backbone(ckpt: str | Path) -> tuple[Any, Path, Recipe]:
-    """The pretrained backbone of a checkpoint (a run directory or a checkpoint folder), on the
-    run's device; returns ``(backbone, checkpoint folder, recipe)``."""
-    found = checkpoint.latest(Path(ckpt))
-    if found is None:
-        raise FileNotFoundError(f"{ckpt}: no complete checkpoint (expected a run directory or checkpoints/step_*)")
-    recipe = validate(checkpoint.load_meta(found)["recipe"])
-    net = build.backbone(recipe.architecture)
-    checkpoint.load_weights(found, net, prefix="backbone.")
-    return net.to(build.device(recipe.run)), found, recipe
-
-
-def run_dir_of(ckpt_folder: Path) -> Path:
-    """The run directory holding a checkpoint folder (``RUN/checkpoints/step_*``)."""
-    return ckpt_folder.parent.parent if ckpt_folder.parent.name == "checkpoints" else ckpt_folder.parent
 
 
 def transfer(ckpt: str | Path, specs: list | None = None, console: Console | None = None, *,
@@ -441,8 +420,8 @@ def analyze(run_dir: str | Path, task: str, limit: int | None = None, against: s
     if against is not None:
         try:
             other, found_b, recipe_b = load_backbone(against)
-        except FileNotFoundError as e:
-            raise RecipeError(f"--against {e}") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"--against {e}") from None
         if recipe_b.raw["architecture"] != recipe.raw["architecture"]:
             raise RecipeError(f"--against {against}: its architecture {recipe_b.raw['architecture']} differs from "
                               f"{recipe.raw['architecture']}; CKA here compares layers of the same architecture")

@@ -291,9 +291,11 @@ def parser() -> argparse.ArgumentParser:
                    help="CKA against a fine-tuned copy of the backbone (fine-tuned on the task's train split "
                         "with the finetune protocol; KEY=VALUE set its keys, e.g. steps=300 batch_size=128)")
     s.set_defaults(fn=cmd_analyze)
-    s = sub.add_parser("export", help="write a checkpoint's backbone as a timm model, ONNX or safetensors, with its preprocessing",
+    s = sub.add_parser("export", help="write a checkpoint's model (backbone and class head) as a timm model, ONNX or "
+                       "safetensors (backbone only), with its preprocessing",
                        epilog="timm: model.safetensors + config.json for timm.create_model('local-dir:OUT', pretrained=True); "
-                              "onnx: backbone.onnx (images -> pooled features, dynamic batch); safetensors: "
+                              "onnx: model.onnx (images -> logits and pooled features; backbone.onnx, features only, "
+                              "for a checkpoint without a class head; dynamic batch); safetensors: "
                               "backbone.safetensors (our names, no heads); each with config.json (input size, mean, std, "
                               "interpolation, the recipe's architecture section)")
     s.add_argument("checkpoint", metavar="RUN_DIR|CKPT", help="run directory (its latest intact checkpoint) or checkpoint folder")
@@ -327,9 +329,6 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
-    except DiskFull as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":
