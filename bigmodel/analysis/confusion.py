@@ -22,12 +22,11 @@ def probe(backbone: torch.nn.Module, train: Any, test: Any, batch: int = 256,
     """Fit the linear probe (the ``linear`` protocol with its default settings) on
     ``train``'s frozen features; returns ``(true, predicted)`` labels of ``test``, each ``(N,)``."""
     from bigmodel.transfer.base import features
-    from bigmodel.transfer.linear import Linear, fit_probe
+    from bigmodel.transfer.linear import Linear
 
     xtr = features(backbone, train, batch, dtype).numpy()
     xte = features(backbone, test, batch, dtype).numpy()
-    lin = Linear()
-    scaler, clf, _ = fit_probe(xtr, train.targets.numpy(), lin.C, lin.max_iter, lin.tol, lin.solver)
+    scaler, clf, _ = Linear().fit(xtr, train.targets.numpy())  # C chosen as the protocol chooses it
     return test.targets.numpy(), clf.predict(scaler.transform(xte))
 
 

@@ -3,13 +3,16 @@ its random-init twin, as a curve of accuracy against depth.
 
 Where the curve of the pretrained backbone peaks says where its transferable features are (ImageGPT,
 Chen et al., 2020, found them in the middle of its generative models); the gap to the twin at each
-depth says what pretraining added there. The probe is the project's linear protocol
-(:class:`bigmodel.transfer.linear.Linear`); features come from
+depth says what pretraining added there; the same probe on the raw pixels (the input every block
+starts from) says whether a block has anything the input had not. The probe is the project's linear
+protocol (:class:`bigmodel.transfer.linear.Linear`, C chosen on a validation split of the training
+images for every block and subject alike); features come from
 :meth:`~bigmodel.architectures.base.Backbone.block_features`, the one interface every family has.
 """
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from rich.console import Console
 from bigmodel.architectures.base import Backbone
 from bigmodel.data.base import TensorImages
 from bigmodel.data.transforms import to_input
-from bigmodel.transfer.base import ImageProgress
+from bigmodel.transfer.base import ImageProgress, pixels
 from bigmodel.transfer.linear import Linear
 
 
@@ -60,10 +63,13 @@ def probe(net: Backbone, twin: Backbone | None, train: TensorImages, test: Tenso
         protocol: the linear probe (default settings if ``None``).
 
     Returns:
-        ``{"rows": [{"block", "depth", "pretrained", "random_init"}, ...], "protocol": settings,
-        "features": {"pretrained": {block: [train, test] feature tensors}, "random_init": ...}}``;
-        ``depth`` counts blocks from 1, accuracies are top-1 % on ``test``. The features are kept
-        for CKA (:mod:`bigmodel.analysis.cka`) and are not meant for JSON.
+        ``{"rows": [{"block", "depth", "pretrained", "random_init", "pixels", "C"}, ...],
+        "pixels": {"top1", "C", "features"}, "protocol": settings, "features": {"pretrained":
+        {block: [train, test] feature tensors}, "random_init": ...}}``; ``depth`` counts blocks from
+        1, accuracies are top-1 % on ``test``; ``pixels`` is the probe on the raw images (``C·H·W``
+        features, the transfer suite's pixel subject), the same in every row (the input has no
+        depth); ``C`` is the probe's C per column. The features are kept for CKA
+        (:mod:`bigmodel.analysis.cka`) and are not meant for JSON.
     """
     protocol = protocol or Linear()
     protocol.check(train.targets)
@@ -73,20 +79,29 @@ def probe(net: Backbone, twin: Backbone | None, train: TensorImages, test: Tenso
         tr = block_features(backbone, train, batch_size, dtype, console, f"block features train · {who}")
         te = block_features(backbone, test, batch_size, dtype, console, f"block features test · {who}")
         feats[who] = [(n, a, b) for (n, a), (_, b) in zip(tr, te, strict=True)]
+    px_train = pixels(train)
+    px = protocol.fit_score(px_train, train.targets, pixels(test), test.targets)
+    baseline = {"top1": round(px["top1"], 4), "C": px["C"], "features": px_train.shape[1]}
     rows = []
     for depth, (name, *_) in enumerate(feats["pretrained"], 1):
         row: dict[str, Any] = {"block": name, "depth": depth}
+        chosen = {}
         for who, blocks in feats.items():
             _, xtr, xte = blocks[depth - 1]
-            row[who] = round(protocol.fit_score(xtr, train.targets, xte, test.targets)["top1"], 4)
+            res = protocol.fit_score(xtr, train.targets, xte, test.targets)
+            row[who], chosen[who] = round(res["top1"], 4), res["C"]
+        row["pixels"] = baseline["top1"]
+        row["C"] = {**chosen, "pixels": baseline["C"]}
         rows.append(row)
-    return {"rows": rows, "protocol": {"name": "linear", **protocol.settings()},
+    return {"rows": rows, "pixels": baseline, "protocol": {"name": "linear", **protocol.settings()},
             "features": {who: {n: (a, b) for n, a, b in blocks} for who, blocks in feats.items()}}
 
 
-def curve_png(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Accuracy against depth, one line per column present (pretrained, random_init), block names
-    on the x axis. Written to ``path`` (PNG)."""
+def curve_figure(rows: list[dict[str, Any]], title: str) -> Any:
+    """The figure of :func:`curve_png` (a matplotlib ``Figure``; the caller closes it): accuracy
+    against depth, one line per column present (pretrained, random_init), the raw-pixel probe as a
+    horizontal reference line, block names on the x axis. A title wider than the figure is wrapped
+    at word boundaries until every line fits (measured with the figure's own renderer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,14 +112,39 @@ def curve_png(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     for who, style in (("pretrained", "o-"), ("random_init", "s--")):
         if rows and who in rows[0]:
             ax.plot(depth, [r[who] for r in rows], style, label=who.replace("_", "-"))
+    if rows and "pixels" in rows[0]:
+        ax.axhline(rows[0]["pixels"], color="0.35", linestyle=":", linewidth=1.5,
+                   label=f"raw pixels ({rows[0]['pixels']:.1f})")
     ax.set_xticks(depth, [r["block"] for r in rows], rotation=45 if len(rows) > 8 else 0,
                   ha="right" if len(rows) > 8 else "center")
     ax.set_xlabel("block (shallow → deep)")
     ax.set_ylabel("linear probe top-1 (%)")
-    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    _fit_title(fig, ax, title)
+    return fig
+
+
+def _fit_title(fig: Any, ax: Any, title: str) -> None:
+    """Set ``title``, wrapped to fewer characters per line until it lies inside the figure."""
+    width = len(title)
+    while True:
+        ax.set_title(textwrap.fill(title, width) if width < len(title) else title)
+        fig.tight_layout()
+        renderer = fig.canvas.get_renderer()
+        box, frame = ax.title.get_window_extent(renderer), fig.bbox
+        if (box.x0 >= frame.x0 and box.x1 <= frame.x1) or width <= 10:
+            return
+        centre = (box.x0 + box.x1) / 2  # the title is centred over the axes, not the figure
+        room = 2 * min(centre - frame.x0, frame.x1 - centre)
+        width = max(10, min(width - 1, int(width * room / box.width)))
+
+
+def curve_png(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """:func:`curve_figure` written to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = curve_figure(rows, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

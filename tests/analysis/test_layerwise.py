@@ -17,7 +17,7 @@ from bigmodel.cli import main
 from bigmodel.data.digits import digits
 from bigmodel.recipe import resolve
 from bigmodel.train import checkpoint
-from bigmodel.transfer.base import features
+from bigmodel.transfer.base import features, pixels
 from bigmodel.transfer.linear import Linear
 
 FAMILIES = {
@@ -92,13 +92,18 @@ def test_probe_scores_every_block_with_the_linear_protocol(tmp_path) -> None:
     train, test = small_digits()
     result = layerwise.probe(net, twin, train, test, Linear(max_iter=200), batch_size=64)
     assert [(r["block"], r["depth"]) for r in result["rows"]] == [("layer1", 1), ("layer2", 2)]
-    assert result["protocol"] == {"name": "linear", "C": 1.0, "max_iter": 200, "tol": 1e-4, "solver": "newton-cg"}
+    assert result["protocol"] == {"name": "linear", **Linear(max_iter=200).settings()}
+    assert result["protocol"]["C"] == "auto"
     for who, backbone in (("pretrained", net), ("random_init", twin)):
         ref_tr = layerwise.block_features(backbone, train)
         ref_te = layerwise.block_features(backbone, test)
         for row, (_, xtr), (_, xte) in zip(result["rows"], ref_tr, ref_te, strict=True):
-            expected = Linear(max_iter=200).fit_score(xtr, train.targets, xte, test.targets)["top1"]
-            assert row[who] == round(expected, 4)
+            expected = Linear(max_iter=200).fit_score(xtr, train.targets, xte, test.targets)
+            assert row[who] == round(expected["top1"], 4) and row["C"][who] == expected["C"]
+    # the raw-pixel baseline: the same probe on the same images' pixels, in the result and every row
+    pix = Linear(max_iter=200).fit_score(pixels(train), train.targets, pixels(test), test.targets)
+    assert result["pixels"] == {"top1": round(pix["top1"], 4), "C": pix["C"], "features": 64}
+    assert [(r["pixels"], r["C"]["pixels"]) for r in result["rows"]] == [(round(pix["top1"], 4), pix["C"])] * 2
     # the last block is the backbone's own features: the same number the transfer suite reports
     top = Linear(max_iter=200).fit_score(features(net, train), train.targets, features(net, test), test.targets)
     assert result["rows"][-1]["pretrained"] == round(top["top1"], 4)
@@ -106,10 +111,47 @@ def test_probe_scores_every_block_with_the_linear_protocol(tmp_path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _rows(blocks: int) -> list[dict]:
+    return [{"block": f"block{i}", "depth": i, "pretrained": 60.0 + i, "random_init": 40.0 + i, "pixels": 81.25}
+            for i in range(1, blocks + 1)]
+
+
+def test_curve_draws_the_pixel_baseline_as_a_horizontal_line() -> None:
+    import matplotlib.pyplot as plt
+
+    fig = layerwise.curve_figure(_rows(4), "t")
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert sorted(lines) == ["pretrained", "random-init", "raw pixels (81.2)"]
+    assert list(lines["raw pixels (81.2)"].get_ydata()) == [81.25, 81.25]
+    assert list(lines["raw pixels (81.2)"].get_xdata()) == [0, 1]  # axes coordinates: edge to edge
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["pretrained", "random-init", "raw pixels (81.2)"]
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("blocks, title", [
+    (4, "vit × mae: linear probe per block, mnist_limit5000 (3000 train / 3000 test)"),  # was cut off
+    (12, "resnet × simclr: linear probe per block, digits (1347 train / 450 test)"),
+    (2, "igpt × autoregressive: linear probe per block, a_task_with_a_very_long_name_indeed (60000 train / 10000 test)"),
+])
+def test_the_title_lies_inside_the_figure(blocks: int, title: str) -> None:
+    """Measured with matplotlib's renderer: the rendered title's box is inside the figure's, and the
+    words are all there (wrapped, not cut)."""
+    import matplotlib.pyplot as plt
+
+    fig = layerwise.curve_figure(_rows(blocks), title)
+    renderer = fig.canvas.get_renderer()
+    box, frame = fig.axes[0].title.get_window_extent(renderer), fig.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+    assert fig.axes[0].get_title().split() == title.split()
+    plt.close(fig)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("analyze") / "qs"
-    api.run(resolve("quickstart", ["run.tiny=true", "run.precision=fp32", f"run.out={out}"]), transfer=False)  # fp32: compared with fp32 references
+    api.run(resolve("quickstart", ["run.tiny=true", "run.precision=fp32", f"run.out={out}", "run.figures=false"]),
+            transfer=False)  # fp32: compared with fp32 references
     return out
 
 

@@ -13,14 +13,16 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, PredefinedSplit
 from sklearn.preprocessing import StandardScaler
 
 from bigmodel.data.digits import digits
 from bigmodel.registry import PROTOCOLS
 from bigmodel.transfer.base import features
+from bigmodel.transfer.linear import validation_split
 from tests.transfer.conftest import TinyMLP
 
-LINEAR_ONLY = {"C", "max_iter"}  # settings the protocol maps one-to-one onto LogisticRegression's
+SEARCH = {"C_grid", "val_fraction", "val_seed"}  # the settings of C: auto, not LogisticRegression's
 
 
 def feature_set(shift_test: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -36,11 +38,20 @@ def feature_set(shift_test: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def reference_linear(settings: dict, x_tr, y_tr, x_te, y_te) -> int:
     """Correct test predictions of a scaler fitted on the train features only, then an L2
-    multinomial logistic regression with the protocol's settings."""
+    multinomial logistic regression with the protocol's settings; ``C: auto`` is scikit-learn's
+    GridSearchCV (accuracy) on the protocol's validation split of the standardised train features,
+    refitted on all of them with the best C."""
     lr_params = set(LogisticRegression().get_params())
-    unknown = set(settings) - lr_params
+    unknown = set(settings) - lr_params - SEARCH
     assert not unknown, f"the reference does not know the linear probe's settings {sorted(unknown)}: teach it"
+    settings = dict(settings)
+    grid, fraction, seed = (settings.pop(k) for k in ("C_grid", "val_fraction", "val_seed"))
     scaler = StandardScaler().fit(x_tr)
+    if settings["C"] == "auto":
+        val = validation_split(y_tr, fraction, seed)
+        search = GridSearchCV(LogisticRegression(**{k: v for k, v in settings.items() if k != "C"}), {"C": grid},
+                              scoring="accuracy", cv=PredefinedSplit(np.where(val, 0, -1)), refit=False)
+        settings["C"] = search.fit(scaler.transform(x_tr), y_tr).best_params_["C"]
     clf = LogisticRegression(**settings).fit(scaler.transform(x_tr), y_tr)
     return int((clf.predict(scaler.transform(x_te)) == y_te).sum())
 
