@@ -58,9 +58,17 @@ class FolderImages(TensorImages):
 
 def _files(folder: Path, ignored: list[str]) -> list[Path]:
     """Image files (by extension) under ``folder``, in a stable (sorted) order; every other file
-    is appended to ``ignored``. Hidden folders are not entered."""
+    is appended to ``ignored``. Hidden folders are not entered. Links to folders are followed, each
+    real folder once (by device and inode): a link back to a parent, or two links to one folder,
+    add no file twice and cannot loop."""
     out = []
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: already listed
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             path = Path(dirpath) / f

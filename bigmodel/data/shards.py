@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from itertools import islice
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -42,6 +43,7 @@ from pydantic import Field
 from torch.utils.data import IterableDataset
 
 from bigmodel.data.base import ImageDataset, TensorImages, expand_path
+from bigmodel.errors import DataError
 from bigmodel.registry import DATASETS
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "npy")
@@ -121,7 +123,8 @@ class Shards(IterableDataset, ImageDataset):
         urls: a folder written by ``bigmodel data shard`` (it holds ``{split}.json``), or shard
             URLs with braces, e.g. ``data/train-{000000..000009}.tar``; ``{split}`` in them is
             replaced by the split, ``$BIGMODEL_SHARED_DATA`` in a local path by the shared data
-            folder. Anything webdataset opens works (paths, http(s), ``pipe:``).
+            folder. Anything webdataset opens works (paths, http(s), ``pipe:``), when written
+            here: an index only ever names files inside its own folder.
         index: the ``{split}.json`` index for explicit ``urls`` (default: the one beside the first
             shard if it is there; else the shards are counted once by reading them).
         streams: independent read streams (of the whole run, whatever the number of processes);
@@ -250,14 +253,47 @@ def _resolve(urls: str, split: str, index: str | None) -> tuple[list[str], dict[
 
 
 def _read_index(path: Path) -> tuple[list[str], dict[str, Any]]:
+    """The shard paths an index lists, with its metadata. An index is data, never code: each entry
+    must name a file inside the index's own folder (see :func:`_inside`)."""
     if not path.is_file():
         raise FileNotFoundError(f"shard index {path}: no such file")
     meta = json.loads(path.read_text())
     if meta.get("format") != INDEX_FORMAT:
         raise ValueError(f"{path}: not a bigmodel shard index (format {meta.get('format')!r}, expected {INDEX_FORMAT!r})")
-    urls = [str(path.parent / s["url"]) if "://" not in s["url"] and not s["url"].startswith("pipe:") else s["url"]
-            for s in meta["shards"]]
-    return urls, {**meta, "counts": [s["count"] for s in meta["shards"]]}
+    shards = meta.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise DataError(f"shard index {path}: 'shards' is not a list of {{url, count}} entries; rewrite it with "
+                        f"bigmodel data shard")
+    urls = [_inside(path, i, s.get("url")) for i, s in enumerate(shards)]
+    counts = [s.get("count") for s in shards]
+    bad = next((i for i, c in enumerate(counts) if not isinstance(c, int) or isinstance(c, bool) or c < 0), None)
+    if bad is not None:
+        raise DataError(f"shard index {path}: entry {bad} ({shards[bad].get('url')!r}) has count {counts[bad]!r}, "
+                        f"not a sample count; rewrite the index with bigmodel data shard")
+    return urls, {**meta, "counts": counts}
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # pipe:, file:, http:, s3:, ... (what webdataset dispatches on)
+
+
+def _inside(index: Path, i: int, url: Any) -> str:
+    """The path of entry ``i`` of ``index``: a relative file name inside the index's folder. A
+    ``pipe:`` (a shell command), a URL, an absolute path, ``..`` or a symlink leading out of the
+    folder is refused with one line: such URLs are honoured only when written in ``data.urls``."""
+    folder = index.parent
+    why = None
+    if not isinstance(url, str) or not url:
+        why = "is not a file name"
+    elif _SCHEME.match(url):
+        why = "is a command or URL, not a file of the index's folder"
+    elif PurePosixPath(url).is_absolute() or ".." in PurePosixPath(url).parts:
+        why = "leads out of the index's folder"
+    elif not (folder / url).resolve().is_relative_to(folder.resolve()):
+        why = "is a link that leads out of the index's folder"
+    if why is not None:
+        raise DataError(f"shard index {index}: entry {i} {url!r} {why}; an index may only name shard files inside "
+                        f"its folder (write a pipe: or remote URL in the recipe's data.urls instead)")
+    return str(folder / url)
 
 
 def _scan(urls: list[str]) -> dict[str, Any]:

@@ -4,6 +4,9 @@ images ignored, and unreadable images skipped, counted, listed — or stopping t
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ from PIL import Image
 
 from bigmodel.data.imagefolder import imagefolder
 from bigmodel.registry import DATASETS
+from tests.helpers import env
 
 
 def _png(path: Path, value: int, size: tuple[int, int] = (16, 16), mode: str = "RGB") -> bytes:
@@ -157,3 +161,26 @@ def test_run_lists_skipped_files_in_its_report(messy: Path, tmp_path: Path):
     assert result["data"]["skipped"] == listed
     ignored = json.loads((tmp_path / "run" / "report.json").read_text())["data"]["ignored"]
     assert sorted(Path(p).name for p in ignored) == [".DS_Store", "Thumbs.db", "notes.txt"]
+
+
+def test_links_to_parent_folders_are_followed_once_and_do_not_loop(tmp_path: Path):
+    """``os.walk(followlinks=True)`` entered ``sub/up -> ..`` and ``sub/self -> .`` again and again
+    (2 new folders per level, until the kernel's 40-link limit: it never ended). Each real folder
+    is listed once; a link to a folder outside the class is followed as before. Run in a child
+    process with a timeout, so that a regression fails instead of hanging the suite."""
+    root = tmp_path / "loops"
+    _png(root / "cat" / "a.png", 1)
+    _png(root / "cat" / "sub" / "b.png", 2)
+    (root / "cat" / "sub" / "up").symlink_to("..")
+    (root / "cat" / "sub" / "self").symlink_to(".")
+    _png(tmp_path / "elsewhere" / "d.png", 4)
+    _png(root / "dog" / "c.png", 3)
+    (root / "dog" / "again").symlink_to("../dog")
+    (root / "dog" / "more").symlink_to(tmp_path / "elsewhere")
+    code = ("import json, sys; from bigmodel.data.imagefolder import imagefolder; "
+            "d = imagefolder(sys.argv[1], test_fraction=0); "
+            "print(json.dumps([d.targets.tolist(), d.images[:, 0, 0, 0].tolist(), d.classes]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120,
+                          env=env())
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [[0, 0, 1, 1], [1, 2, 3, 4], ["cat", "dog"]]

@@ -4,8 +4,10 @@ process count); each stream reads its own shards; `bigmodel data shard` round-tr
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -13,14 +15,15 @@ import torch
 from rich.console import Console
 
 from bigmodel import cli
-from bigmodel.commands.pretrain import pretrain
 from bigmodel.data import shards as shards_mod
 from bigmodel.data.base import TensorImages, materialize
 from bigmodel.data.digits import digits
 from bigmodel.data.loader import batches, rank_rows
 from bigmodel.data.shards import Shards, write_shards
+from bigmodel.errors import DataError
 from bigmodel.recipe import validate
 from bigmodel.train import build
+from bigmodel.train.trainer import pretrain
 
 N, SHARD, B, WORLD, STREAMS = 96, 10, 4, 2, 2  # 10 shards (9 × 10 + 6); 48 samples per stream
 STEPS = N // B  # steps in one epoch: 24, each rank reading B / WORLD samples of each
@@ -169,3 +172,68 @@ def test_urls_may_name_the_shared_data_folder(corpus: Path, monkeypatch):
     monkeypatch.setenv("BIGMODEL_SHARED_DATA", str(corpus.parent))
     ds = Shards(f"$BIGMODEL_SHARED_DATA/{corpus.name}")
     assert len(ds) == N and ds.urls[0] == str(corpus / "train-000000.tar")
+
+
+# -- an index is data, never code (issue 17) ----------------------------------------------------
+
+
+@pytest.fixture()
+def sharded_digits(tmp_path: Path, monkeypatch) -> Path:
+    """``bigmodel data shard digits split=train sh --size 500``, run in ``tmp_path``."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["data", "shard", "digits", "split=train", "sh", "--size", "500"]) == 0
+    return tmp_path / "sh"
+
+
+def _edit_first_url(sh: Path, url: str) -> None:
+    index = json.loads((sh / "train.json").read_text())
+    index["shards"][0]["url"] = url
+    (sh / "train.json").write_text(json.dumps(index))
+
+
+def test_an_index_naming_a_shell_command_is_refused_and_runs_nothing(sharded_digits: Path, tmp_path: Path):
+    _edit_first_url(sharded_digits, "pipe:touch PWNED; cat sh/train-000000.tar")
+    with pytest.raises(DataError) as e:
+        list(islice(iter(Shards("sh")), 3))
+    assert str(e.value) == ("shard index sh/train.json: entry 0 'pipe:touch PWNED; cat sh/train-000000.tar' is a "
+                            "command or URL, not a file of the index's folder; an index may only name shard files "
+                            "inside its folder (write a pipe: or remote URL in the recipe's data.urls instead)")
+    assert not (tmp_path / "PWNED").exists() and not (sharded_digits / "PWNED").exists()
+    # through the recipe as well: refused while building, before any shard is opened
+    with pytest.raises(DataError, match=r"^shard index sh/train.json: entry 0 'pipe:touch PWNED"):
+        build.experiment(validate({"architecture": {"name": "vit", "size": "nano", "image_size": 8, "patch_size": 4,
+                                                    "in_chans": 1},
+                                   "data": {"name": "shards", "urls": "sh"}, "objective": {"name": "supervised"}}))
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("url, why", [
+    ("/etc/passwd", "leads out of the index's folder"),
+    ("../outside.tar", "leads out of the index's folder"),
+    ("sub/../../outside.tar", "leads out of the index's folder"),
+    ("https://example.com/x.tar", "is a command or URL, not a file of the index's folder"),
+    ("file:train-000000.tar", "is a command or URL, not a file of the index's folder"),
+    ("link.tar", "is a link that leads out of the index's folder"),
+])
+def test_an_index_entry_outside_its_folder_is_refused(sharded_digits: Path, tmp_path: Path, url: str, why: str):
+    shutil.copy(sharded_digits / "train-000000.tar", tmp_path / "outside.tar")
+    (sharded_digits / "link.tar").symlink_to(tmp_path / "outside.tar")
+    _edit_first_url(sharded_digits, url)
+    with pytest.raises(DataError) as e:
+        Shards(str(sharded_digits))
+    assert str(e.value).startswith(f"shard index {sharded_digits / 'train.json'}: entry 0 {url!r} {why}; ")
+
+
+def test_a_link_inside_the_folder_and_a_user_written_pipe_url_still_work(sharded_digits: Path):
+    ref = materialize(Shards("sh"))
+    assert len(ref) == 1347 and Shards("sh").counts == [500, 500, 347]
+    (sharded_digits / "sub").mkdir()
+    (sharded_digits / "train-000000.tar").rename(sharded_digits / "sub" / "a.tar")
+    (sharded_digits / "train-000000.tar").symlink_to(sharded_digits / "sub" / "a.tar")  # a link within the folder
+    _edit_first_url(sharded_digits, "sub/a.tar")
+    assert torch.equal(materialize(Shards("sh")).images, ref.images)
+    # a pipe: URL the user wrote in data.urls is theirs to run
+    piped = Shards(f"pipe:cat {sharded_digits}/train-{{000000..000002}}.tar")
+    assert piped.counts == [500, 500, 347]
+    got = materialize(piped)
+    assert torch.equal(got.images, ref.images) and torch.equal(got.targets, ref.targets)
