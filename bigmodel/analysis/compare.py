@@ -3,8 +3,10 @@
 Built only from each run's files: ``report.json`` (recipe, model size, FLOPs, steps done, transfer
 rows) and any ``transfer/*.json`` written by ``bigmodel transfer`` (rows the report lacks). One row
 per run: run, architecture, objective, data, backbone parameters, pretraining GFLOPs actually spent
-(``train_gflops_per_step × steps_done``), and per ``task · protocol`` the pretrained backbone's
-top-1 and its gap over the random-init twin (points; absent when the twin was not scored).
+(``train_gflops_per_step × steps_done``), and per column the pretrained backbone's top-1 and its
+gap over the random-init twin (points; absent when the twin was not scored). A column is one task ·
+protocol at one setting: rows that differ in any setting (kNN's k, a fine-tune's schedule) are
+separate columns, labelled with the settings that differ (:func:`column_labels`).
 
 Plots: accuracy per protocol (grouped bars, one bar per run, the twin as a black tick), and
 accuracy against pretraining compute and against parameters (log x). Where a column has at least
@@ -48,10 +50,38 @@ def power_law(x: Any, error: Any) -> dict[str, float]:
 
 
 def column(row: dict[str, Any]) -> str:
-    """The table column of a transfer row: ``task · protocol`` (few-shot: its primary shot count)."""
+    """``task · protocol`` of a transfer row (few-shot: its primary shot count): the base of its column's label."""
     from bigmodel.transfer.runner import protocol_label, task_label
 
     return f"{task_label(row)} · {protocol_label(row)}"
+
+
+def setting_key(row: dict[str, Any]) -> str:
+    """What a column is: the task with its settings and the protocol with every setting, so kNN at
+    k=20 and at k=200 (or two fine-tune schedules) are two columns, never one that either wins."""
+    what = [row.get("task"), row.get("task_settings") or {}, row.get("protocol"), row.get("settings") or {}]
+    return json.dumps(what, sort_keys=True, default=str)
+
+
+def column_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """:func:`setting_key` → column label: ``task · protocol``, followed where several columns share it
+    by the settings in which they differ, e.g. ``digits · knn (k=20)`` and ``digits · knn (k=200)``."""
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        flat = {**{f"task.{k}": v for k, v in (row.get("task_settings") or {}).items()}, **(row.get("settings") or {})}
+        groups.setdefault(column(row), {}).setdefault(setting_key(row), flat)
+    labels = {}
+    for base, members in groups.items():
+        names = sorted({k for flat in members.values() for k in flat})
+        differ = [k for k in names if len({_value(f.get(k)) for f in members.values()}) > 1]
+        for key, flat in members.items():
+            shown = ", ".join(f"{k}={_value(flat.get(k))}" for k in differ)
+            labels[key] = f"{base} ({shown})" if differ else base
+    return labels
+
+
+def _value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
@@ -78,22 +108,29 @@ def _data_label(data: dict[str, Any]) -> str:
     return task_name(data.get("name", "?"), data)
 
 
-def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """One table row from a run directory. Raises RecipeError naming a folder without report.json."""
-    run_dir = Path(run_dir)
+def _report(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "report.json"
     if not path.is_file():
         raise RecipeError(f"{run_dir}: no report.json there (not a finished bigmodel run directory)")
-    report = _load_json(path, "report.json")
+    return _load_json(path, "report.json")
+
+
+def read_run(run_dir: str | Path, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """One table row from a run directory, its columns named by ``labels`` (:func:`column_labels`;
+    default: of this run's own rows). Raises RecipeError naming a folder without report.json."""
+    run_dir = Path(run_dir)
+    report = _report(run_dir)
     recipe, model = report.get("recipe") or {}, report.get("model") or {}
     steps = (report.get("pretrain") or {}).get("steps_done")
     per_step = model.get("train_gflops_per_step")
+    rows = _transfer_rows(run_dir, report)
+    labels = labels or column_labels(rows)
     top1: dict[str, float] = {}
     gap: dict[str, float] = {}
-    for row in _transfer_rows(run_dir, report):
+    for row in rows:
         results = row.get("results") or {}
-        name = column(row)
-        if name in top1 or PRETRAINED not in results:
+        name = labels[setting_key(row)]
+        if name in top1 or PRETRAINED not in results:  # the same settings twice: the report's row wins
             continue
         top1[name] = float(results[PRETRAINED]["top1"])
         if TWIN in results:
@@ -128,7 +165,9 @@ def compare(run_dirs: list[str | Path]) -> dict[str, Any]:
     """
     if not run_dirs:
         raise RecipeError("compare: give at least one run directory")
-    rows = [read_run(d) for d in run_dirs]
+    dirs = [Path(d) for d in run_dirs]
+    labels = column_labels([r for d in dirs for r in _transfer_rows(d, _report(d))])
+    rows = [read_run(d, labels) for d in dirs]
     for row, label in zip(rows, _labels([r["run"] for r in rows]), strict=True):
         row["label"] = label
     columns = list(dict.fromkeys(c for r in rows for c in r["top1"]))

@@ -122,3 +122,31 @@ def test_a_folder_without_report_is_one_clear_line(runs, tmp_path, capsys) -> No
     err = capsys.readouterr().err
     assert err == f"recipe error: {tmp_path}: no report.json there (not a finished bigmodel run directory)\n"
     assert not (tmp_path / "o").exists()
+
+
+def _synthetic_run(folder: Path, rows: list[tuple[dict, float]]) -> Path:
+    """A run directory holding only a report.json with kNN rows of the given settings and top-1."""
+    folder.mkdir(parents=True)
+    transfer = [{"task": "digits", "task_settings": {}, "protocol": "knn", "settings": settings, "n_train": 1,
+                 "n_test": 1, "results": {"pretrained": {"top1": top1}}} for settings, top1 in rows]
+    report = {"recipe": {"architecture": {"name": "vit"}, "objective": {"name": "mae"}, "data": {"name": "fractals"}},
+              "model": {"backbone_params": 10, "train_gflops_per_step": 1.0}, "pretrain": {"steps_done": 5},
+              "transfer": transfer}
+    (folder / "report.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_columns_are_distinct_settings_labelled_by_what_differs(tmp_path) -> None:
+    """Issue 17: kNN at k=20 and k=200 shared the column ``digits · knn`` and one silently won."""
+    k20, k200 = {"k": 20, "temperature": 0.07}, {"k": 200, "temperature": 0.07}
+    a = _synthetic_run(tmp_path / "a", [(k20, 61.0), (k200, 55.5)])
+    b = _synthetic_run(tmp_path / "b", [(k200, 70.25)])
+    c = _synthetic_run(tmp_path / "c", [(k20, 40.0)])
+    result = compare.compare([a, b, c])
+    assert result["columns"] == ["digits · knn (k=20)", "digits · knn (k=200)"]
+    assert [r["top1"] for r in result["rows"]] == [
+        {"digits · knn (k=20)": 61.0, "digits · knn (k=200)": 55.5}, {"digits · knn (k=200)": 70.25},
+        {"digits · knn (k=20)": 40.0}]
+    # one setting per task · protocol across the runs: the plain label, as before
+    assert compare.compare([c])["columns"] == ["digits · knn"]
+    assert compare.read_run(a)["top1"] == {"digits · knn (k=20)": 61.0, "digits · knn (k=200)": 55.5}
