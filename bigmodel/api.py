@@ -40,7 +40,7 @@ from bigmodel.recipe import (
     validate,
 )
 from bigmodel.train import build, checkpoint, distributed
-from bigmodel.train.logging import GracefulStop
+from bigmodel.train.signals import GracefulStop
 from bigmodel.train.run_dir import open_run
 from bigmodel.transfer import suites
 from bigmodel.transfer.runner import (

@@ -12,6 +12,8 @@ Exit status, the same for every command:
 3     stopped by SIGTERM/SIGINT: the checkpoint (pretraining) or the rows done (transfer) are saved;
       rerun the same command to continue
 4     training diverged (non-finite loss or gradient); the last good checkpoint is kept
+5     disk full while writing a checkpoint or the metrics: the partial checkpoint is removed, the
+      previous one kept; free space and rerun the same command to resume
 ====  ==============================================================================================
 """
 
@@ -25,13 +27,14 @@ import sys
 from rich.console import Console
 
 from bigmodel import api
-from bigmodel.errors import InputError, NonFiniteLoss, RecipeError
+from bigmodel.errors import DiskFull, InputError, NonFiniteLoss, RecipeError
 from bigmodel.recipe import zoo_names, zoo_text
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
 EXIT_DIVERGED = 4
+EXIT_DISK_FULL = 5  # not bad input (2) nor a stop (3): nothing to fix in the command, space to free
 
 
 def _recipe(args: argparse.Namespace):
@@ -329,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except DiskFull as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":

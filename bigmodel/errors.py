@@ -3,7 +3,8 @@ imports nothing from bigmodel, so every layer can raise them).
 
 Each is one line for the user; the CLI prints ``"<kind> error: <message>"`` and exits with status 2,
 so the line says whether the recipe, the data, a checkpoint, an image or an export request was at
-fault. A diverged run is not bad input: :class:`NonFiniteLoss` exits with status 4.
+fault. A diverged run is not bad input: :class:`NonFiniteLoss` exits with status 4; nor is a full
+disk: :class:`DiskFull` exits with status 5.
 """
 
 from __future__ import annotations
@@ -47,3 +48,8 @@ class ExportError(InputError):
 
 class NonFiniteLoss(RuntimeError):
     """Training diverged: a non-finite loss or gradient (exit status 4, the last good checkpoint kept)."""
+
+
+class DiskFull(RuntimeError):
+    """No space left to write a checkpoint or the metrics: nothing is lost (the partial checkpoint is
+    removed, the previous one kept), the run resumes once space is freed (exit status 5)."""

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bigmodel.train.logging import read_metrics
+from bigmodel.train.metrics import read_metrics
 
 # Figures in the order report.html shows them; others under figures/ and analysis/ follow by name.
 FIGURE_ORDER = ("curves", "confusion", "tsne", "attention", "gradcam", "reconstruction", "completions",

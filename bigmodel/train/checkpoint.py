@@ -24,34 +24,35 @@ resumes on any number of processes, one included (:func:`restore`); rank ``r`` t
 state rank ``r`` saved, and a rank that did not exist then gets a fresh stream seeded by
 ``(seed, step, rank)`` (the views of a step are seeded by ``(seed, step)`` alone, so only what a
 forward pass draws from the global RNG — MAE's masks, dropout — depends on it). Only tensors are
-saved (the optimizer's hyper-parameters come from the recipe again), and the pickled ``.metadata``
-is read by an unpickler that admits DCP's own metadata classes only. :func:`load_weights` reads
+saved (the optimizer's hyper-parameters come from the recipe again); the DCP part, and the checks
+that read a ``.metadata`` as untrusted input, live in :mod:`bigmodel.train.dcp`. :func:`load_weights` reads
 the model part of either kind on one process (transfer, analysis).
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import errno
 import hashlib
+import io
 import json
 import os
-import pickle
 import shutil
 import sys
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from bigmodel.errors import CheckpointError
-from bigmodel.train import distributed
+from bigmodel.errors import CheckpointError, DiskFull
+from bigmodel.train import dcp, distributed
 
 PREFIX = "step_"
 FILES = ("model.safetensors", "state.pt")
-DCP_METADATA = ".metadata"
+DCP_METADATA = dcp.METADATA
 
 
 def _fsync(path: Path) -> None:
@@ -74,21 +75,33 @@ def save(folder: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
          keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically, with its files' sizes and sha256 in ``meta.json``;
     keep the ``keep`` most recent checkpoints up to this one (newer ones, left by a run that fell
-    back past a damaged checkpoint, are replaced as the run reaches their step again)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f".tmp-{PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    back past a damaged checkpoint, are replaced as the run reaches their step again).
+
+    The files are serialised in memory first, so their size is known before anything is written.
+
+    Raises:
+        DiskFull: the disk has less room than the checkpoint needs, or filled up while it was
+            written; the partial folder is removed and the previous checkpoints are untouched.
+    """
     name = f"{PREFIX}{step:08d}"
     tmp = folder / f".tmp-{name}"
-    tmp.mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    files = {f: _digest(tmp / f) for f in FILES}
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta, "files": files}, indent=1, default=str))
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    blobs = {"model.safetensors": safetensors.torch.save(weights), "state.pt": buf.getvalue()}
+    files = {f: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for f, b in blobs.items()}
+    blobs["meta.json"] = json.dumps({"step": step, **meta, "files": files}, indent=1, default=str).encode()
+    needed = sum(map(len, blobs.values()))
+    with _room(folder, tmp, needed):
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f".tmp-{PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if shutil.disk_usage(folder).free < needed:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        tmp.mkdir()
+        for f, data in blobs.items():
+            _write(tmp / f, data)
+        _fsync(tmp)
     final = folder / name
     if final.exists():  # same step saved again (e.g. a final save right after a periodic one)
         shutil.rmtree(final)
@@ -98,6 +111,51 @@ def save(folder: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write ``data`` to the new file ``path`` and fsync it."""
+    with path.open("xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether ``e`` (or what it was raised from) says the disk or the user's quota is full."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _local_bytes(net: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """The bytes of this process's model and optimizer tensors (its shards under FSDP2)."""
+    tensors = [*net.state_dict().values(), *(v for s in opt.state.values() for v in s.values())]
+    return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+
+@contextlib.contextmanager
+def _room(folder: Path, tmp: Path, needed: int, rank: int = 0, exact: bool = True) -> Iterator[None]:
+    """Turn a full disk while writing ``tmp`` into :class:`DiskFull` (one line: the folder, the
+    bytes needed and free), after removing ``tmp`` (rank 0); any other error passes through."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not no_space(e):
+            raise
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(folder).free:,} bytes free"
+        except OSError:
+            free = "free space unknown"
+        before = [p.name for p in _complete(folder)] if folder.is_dir() else []
+        kept = f"{before[-1]} is intact" if before else "no earlier checkpoint there"
+        raise DiskFull(f"disk full writing checkpoint {folder / tmp.name[len('.tmp-'):]}: it needs {'' if exact else 'about '}{needed:,} bytes, "
+                       f"{free}; the partial folder {tmp.name} was removed and {kept}. Free some space and rerun "
+                       f"the same command to resume") from None
 
 
 def _complete(folder: Path) -> list[Path]:
@@ -190,26 +248,10 @@ def read_weights(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     """The model's tensors under ``prefix`` (stripped), whole and on the CPU, from either kind of
     checkpoint, in this one process."""
     ckpt = Path(ckpt)
-    if not is_sharded(ckpt):
-        weights = load_file(str(ckpt / "model.safetensors"))
-        return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    reader = _reader(ckpt)
-    entries = reader.read_metadata().state_dict_metadata
-    want = f"model.{prefix}"
-    weights = {k[len(want):]: torch.empty(m.size, dtype=m.properties.dtype)
-               for k, m in entries.items() if k.startswith(want) and _is_tensor(m)}
-    _dcp_load({"model": {prefix + k: v for k, v in weights.items()}}, reader, no_dist=True)
-    return weights
-
-
-def _dcp_load(state: dict[str, Any], reader: Any, no_dist: bool) -> None:
-    """``dcp.load`` in place into ``state``; in one process without the warning that it assumes so."""
-    import torch.distributed.checkpoint as dcp
-
-    with warnings.catch_warnings():
-        if no_dist:
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load(state, storage_reader=reader, no_dist=no_dist)
+    if is_sharded(ckpt):
+        return dcp.read_model(ckpt, load_meta(ckpt).get("files"), prefix)
+    weights = load_file(str(ckpt / "model.safetensors"))
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
@@ -242,10 +284,8 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 def save_sharded(folder: Path, step: int, net: torch.nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any],
                  keep: int = 2) -> Path:
     """Every rank: write checkpoint ``step`` of a distributed run with DCP (see the module
-    docstring), atomically, keeping the ``keep`` most recent; returns its folder."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
+    docstring and :mod:`bigmodel.train.dcp`), atomically, keeping the ``keep`` most recent;
+    returns its folder."""
     rank, world = distributed.rank(), distributed.world()
     name = f"{PREFIX}{step:08d}"
     tmp, final = folder / f".tmp-{name}", folder / name
@@ -255,15 +295,22 @@ def save_sharded(folder: Path, step: int, net: torch.nn.Module, opt: torch.optim
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     distributed.barrier()
-    model_state, optim_state = get_state_dict(net, opt)
-    with warnings.catch_warnings():  # in one process (tests): not the warning that it assumes so
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.save({"model": model_state, "optim": {"state": _tensors_only(optim_state["state"])}},
-                 storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=world == 1)
-    torch.save(rng_state(), tmp / f"rng-{rank:05d}.pt")
-    _fsync(tmp / f"rng-{rank:05d}.pt")
-    mine = [*sorted(tmp.glob(f"__{rank}_*.distcp")), tmp / f"rng-{rank:05d}.pt"]
-    files = {k: v for part in distributed.all_gather_objects({p.name: _digest(p) for p in mine}) for k, v in part.items()}
+    full = None
+    try:
+        with _room(folder, tmp, _local_bytes(net, opt), rank, exact=False):
+            dcp.write(tmp, net, opt, world)
+            torch.save(rng_state(), tmp / f"rng-{rank:05d}.pt")
+            _fsync(tmp / f"rng-{rank:05d}.pt")
+    except DiskFull as e:  # told to every rank below, so that none waits for the others
+        full = str(e)
+    mine = [*sorted(tmp.glob(f"__{rank}_*.distcp")), tmp / f"rng-{rank:05d}.pt"] if full is None else []
+    parts = distributed.all_gather_objects({"files": {p.name: _digest(p) for p in mine}, "full": full})
+    full = next((part["full"] for part in parts if part["full"]), None)
+    if full is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskFull(full)
+    files = {k: v for part in parts for k, v in part["files"].items()}
     if rank == 0:
         files[DCP_METADATA] = _digest(tmp / DCP_METADATA)
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta, "format": "dcp", "world": world,
@@ -279,7 +326,6 @@ def save_sharded(folder: Path, step: int, net: torch.nn.Module, opt: torch.optim
     distributed.barrier()
     return final
 
-
 def restore(ckpt: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, seed: int = 0, rank: int = 0,
             world: int = 1) -> int:
     """Load a checkpoint of either kind into the training module ``net`` (plain, DDP or FSDP2)
@@ -288,7 +334,7 @@ def restore(ckpt: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, seed: 
     ckpt = Path(ckpt)
     step = int(load_meta(ckpt)["step"])
     if is_sharded(ckpt):
-        _restore_sharded(ckpt, net, opt, world)
+        dcp.load_training(ckpt, load_meta(ckpt).get("files"), net, opt, world)
         own = ckpt / f"rng-{rank:05d}.pt"
         rng = torch.load(own, weights_only=True) if own.is_file() else None
     else:
@@ -309,23 +355,6 @@ def restore(ckpt: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, seed: 
     return step
 
 
-def _restore_sharded(ckpt: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, world: int) -> None:
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optim_state = get_state_dict(net, opt)  # the layout to load into (the optimizer's state created)
-    wanted = {"model": model_state, "optim": {"state": optim_state["state"]}}
-    reader = _reader(ckpt)
-    entries = reader.read_metadata().state_dict_metadata
-    names = [f"model.{k}" for k in model_state] + [f"optim.state.{p}.{k}" for p, s in optim_state["state"].items() for k in s]
-    missing = [k for k in names if k not in entries]
-    if missing or not all(_is_tensor(entries[k]) for k in names):
-        raise CheckpointError(f"{ckpt} does not fit this model and optimizer (missing or not tensors: "
-                              f"{', '.join(missing[:5]) or 'non-tensor entries'}); is it a checkpoint of this recipe?")
-    _dcp_load(wanted, reader, no_dist=world == 1)
-    set_state_dict(net, opt, model_state_dict=wanted["model"],
-                   optim_state_dict={"state": wanted["optim"]["state"], "param_groups": optim_state["param_groups"]})
-
-
 def _by_name(optim_state: dict[str, Any], net: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """A one-process optimizer state dict (parameters numbered in the optimizer's order) keyed by
     parameter names instead, as ``set_state_dict`` takes it."""
@@ -333,69 +362,6 @@ def _by_name(optim_state: dict[str, Any], net: torch.nn.Module, opt: torch.optim
     order = [names[id(p)] for group in opt.param_groups for p in group["params"]]
     return {"state": {order[int(i)]: s for i, s in optim_state["state"].items()},
             "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in optim_state["param_groups"]]}
-
-
-def _tensors_only(state: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer's per-parameter state, refused if anything in it is not a tensor (DCP would
-    pickle it, and loading would unpickle it)."""
-    odd = [f"{p}.{k}" for p, s in state.items() for k, v in s.items() if not isinstance(v, torch.Tensor)]
-    if odd:
-        raise TypeError(f"optimizer state holds non-tensor values ({', '.join(odd[:3])}); a sharded checkpoint saves tensors only")
-    return state
-
-
-def _is_tensor(entry: Any) -> bool:
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    return isinstance(entry, TensorStorageMetadata)
-
-
-# DCP writes its ``.metadata`` with pickle; these are the only globals such a file refers to.
-_METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
-                                              "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-                                              "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if dtype or name in _METADATA_GLOBALS.get(module, ()):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
-
-
-@functools.cache
-def _reader_class() -> type:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class Reader(FileSystemReader):
-        """DCP's file reader, reading ``.metadata`` with :class:`_MetadataUnpickler`."""
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            with open(Path(self.path) / DCP_METADATA, "rb") as f:
-                try:
-                    metadata = _MetadataUnpickler(f).load()
-                except pickle.UnpicklingError as e:
-                    raise CheckpointError(f"{self.path}/{DCP_METADATA}: {e}; refusing to load it") from None
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return Reader
-
-
-def _reader(path: Path) -> Any:
-    """A DCP reader of checkpoint ``path`` (its class is built on first use: DCP imports are slow)."""
-    return _reader_class()(str(path))
 
 
 def load_meta(ckpt: Path) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from rich.console import Console
 from bigmodel.errors import NonFiniteLoss
 from bigmodel.recipe import OptimConfig
 from bigmodel.train import checkpoint, distributed
-from bigmodel.train.logging import GracefulStop, MetricsLog, StepProgress
+from bigmodel.train.metrics import MetricsLog, StepProgress
+from bigmodel.train.signals import GracefulStop
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 

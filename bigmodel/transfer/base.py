@@ -18,7 +18,7 @@ from rich.console import Console
 from bigmodel.architectures.base import Backbone
 from bigmodel.data.base import TensorImages
 from bigmodel.data.transforms import to_input
-from bigmodel.train.logging import StepProgress
+from bigmodel.train.metrics import StepProgress
 
 _clock = time.perf_counter  # replaced by tests for exact rates
 

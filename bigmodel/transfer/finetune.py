@@ -51,7 +51,7 @@ from bigmodel.errors import CheckpointError
 from bigmodel.objectives.classifier import Classifier, Schedule
 from bigmodel.registry import PROTOCOLS
 from bigmodel.train import checkpoint
-from bigmodel.train.logging import read_metrics
+from bigmodel.train.metrics import read_metrics
 from bigmodel.train.trainer import Loop, fit
 from bigmodel.transfer.base import Protocol
 

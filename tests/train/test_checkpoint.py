@@ -3,15 +3,17 @@ strict weight loading (only the ``drop`` prefixes may be missing or extra)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from bigmodel.errors import CheckpointError, DiskFull
 from bigmodel.train import checkpoint
-from bigmodel.train.checkpoint import CheckpointError
 
 
 class Net(torch.nn.Module):
@@ -135,3 +137,67 @@ def test_load_weights_refuses_unexpected_weights_outside_drop(tmp_path) -> None:
     with pytest.raises(CheckpointError, match=r"holds weights the model does not have: head.bias, head.weight \(2 in all\)"):
         checkpoint.load_weights(folder / "step_00000002", trunk)
     checkpoint.load_weights(folder / "step_00000002", trunk, drop=("head.",))
+
+
+# -- a full disk (issue 17): one line, the partial folder removed, the previous checkpoint intact ----
+
+
+def _fill_disk_at(monkeypatch, name: str) -> None:
+    """``checkpoint._write`` writes half of file ``name`` and then fails as a full disk does."""
+    real = checkpoint._write
+
+    def write(path: Path, data: bytes) -> None:
+        if path.name == name:
+            path.write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+    monkeypatch.setattr(checkpoint, "_write", write)
+
+
+def test_a_disk_that_fills_mid_write_is_one_error_and_loses_nothing(tmp_path, monkeypatch) -> None:
+    folder, model = saved(tmp_path, (2,))
+    before = {p.name: p.read_bytes() for p in (folder / "step_00000002").iterdir()}
+    _fill_disk_at(monkeypatch, "state.pt")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1234, 1234))
+    with pytest.raises(DiskFull) as e:
+        checkpoint.save(folder, 4, model, {"step": 4}, {"recipe": {}})
+    needed = sum(p.stat().st_size for p in (folder / "step_00000002").iterdir())  # the same sizes at step 4
+    assert str(e.value) == (f"disk full writing checkpoint {folder / 'step_00000004'}: it needs {needed:,} bytes, "
+                            f"1,234 bytes free; the partial folder .tmp-step_00000004 was removed and step_00000002 "
+                            f"is intact. Free some space and rerun the same command to resume")
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000002"]
+    assert {p.name: p.read_bytes() for p in (folder / "step_00000002").iterdir()} == before
+    assert checkpoint.latest(folder) == folder / "step_00000002"
+
+
+def test_a_checkpoint_larger_than_the_free_space_is_refused_before_writing(tmp_path, monkeypatch) -> None:
+    folder, model = saved(tmp_path, (2,))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    written: list[Path] = []
+    monkeypatch.setattr(checkpoint, "_write", lambda path, data: written.append(path))
+    with pytest.raises(DiskFull, match=r"^disk full writing checkpoint .*step_00000004: it needs [0-9,]+ bytes, 100 "
+                                       r"bytes free; the partial folder \.tmp-step_00000004 was removed and "
+                                       r"step_00000002 is intact"):
+        checkpoint.save(folder, 4, model, {"step": 4}, {"recipe": {}})
+    assert written == [] and sorted(p.name for p in folder.iterdir()) == ["step_00000002"]
+
+
+def test_a_sharded_checkpoint_on_a_full_disk_is_the_same_error(tmp_path, monkeypatch) -> None:
+    """DCP wraps the writer's OSError in its CheckpointException; it comes out as DiskFull too. The
+    bytes needed are the process's tensors: 8 weights, AdamW's two moments of each and 2 step counts
+    (fp32): 4 · (3 · 8 + 2) = 104."""
+    import torch.distributed.checkpoint.filesystem as fs
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    checkpoint.save_sharded(tmp_path, 1, model, opt, {})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(fs, "_write_item", full)
+    with pytest.raises(DiskFull, match=rf"^disk full writing checkpoint {tmp_path}/step_00000002: it needs about "
+                                       rf"104 bytes, [0-9,]+ bytes free; the partial folder \.tmp-step_00000002 was "
+                                       rf"removed and step_00000001 is intact"):
+        checkpoint.save_sharded(tmp_path, 2, model, opt, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
+    assert checkpoint.latest(tmp_path) == tmp_path / "step_00000001"

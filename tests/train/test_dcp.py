@@ -5,6 +5,10 @@ never unpickled beyond DCP's own classes."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import io
 import json
 import os
 import pickle
@@ -14,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.distributed.checkpoint import metadata as dcp_metadata
 
-from bigmodel.train import checkpoint
+from bigmodel.train import checkpoint, dcp
 
 
 def _model_and_opt(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -110,3 +115,142 @@ def test_metadata_holding_anything_but_dcp_classes_is_refused(tmp_path: Path, mo
     with pytest.raises(checkpoint.CheckpointError, match="posix.system is not part of a checkpoint's metadata"):
         checkpoint.read_weights(saved)
     assert not (tmp_path / "pwned").exists()
+
+
+# -- a checkpoint folder is untrusted input (issue 17): .metadata is checked before DCP reads anything
+
+
+def _rewrite_metadata(ckpt: Path, edit, extra: dict[str, bytes] | None = None) -> None:
+    """Unpickle ``ckpt/.metadata``, let ``edit`` change it, write it back, and record it (and the
+    ``extra`` files written beside it) in meta.json with true sizes and sha256, as a forger would:
+    checksums are no defence against someone who writes the folder."""
+    with open(ckpt / ".metadata", "rb") as f:
+        md = dcp._MetadataUnpickler(f).load()
+    edit(md)
+    (ckpt / ".metadata").write_bytes(pickle.dumps(md))
+    for name, data in (extra or {}).items():
+        (ckpt / name).write_bytes(data)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    for name in [".metadata", *(extra or {})]:
+        data = (ckpt / name).read_bytes()
+        meta["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def _storage(md, fqn: str):
+    return next(k for k in md.storage_data if k.fqn == fqn)
+
+
+def _point_at(fqn: str, path: str):
+    def edit(md):
+        key = _storage(md, fqn)
+        md.storage_data[key] = dataclasses.replace(md.storage_data[key], relative_path=path)
+    return edit
+
+
+@pytest.fixture()
+def two_checkpoints(tmp_path: Path) -> tuple[Path, Path]:
+    """A run's sharded checkpoint ``run/step_00000001`` and, outside that folder, a sibling whose
+    shard file holds the same layout with other values (a file a forged path could reach)."""
+    model, opt = _trained()
+    ckpt = checkpoint.save_sharded(tmp_path / "run", 1, model, opt, {})
+    other, other_opt = _trained(steps=5)
+    checkpoint.save_sharded(tmp_path / "outside", 1, other, other_opt, {})
+    return ckpt, tmp_path / "outside" / "step_00000001"
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "unlisted"])
+def test_metadata_naming_a_file_outside_the_checkpoint_is_refused(two_checkpoints, where: str):
+    ckpt, outside = two_checkpoints
+    if where == "unlisted":  # inside the folder, but not one of the files meta.json records
+        shutil.copy(outside / "__0_0.distcp", ckpt / "__0_1.distcp")
+    path = {"absolute": str(outside / "__0_0.distcp"), "dotdot": "../../outside/step_00000001/__0_0.distcp",
+            "unlisted": "__0_1.distcp"}[where]
+    _rewrite_metadata(ckpt, _point_at("model.0.weight", path))
+    assert checkpoint.problem(ckpt) is None  # the checksums agree: only the check below stands in the way
+    for read in (lambda: checkpoint.read_weights(ckpt), lambda: checkpoint.restore(ckpt, *_model_and_opt(1))):
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            read()
+        assert str(e.value) == (f"{ckpt}/.metadata: entry 'model.0.weight' names the file {path!r}, which is not one "
+                                f"of the checkpoint's files; refusing to load it (a bigmodel checkpoint names only "
+                                f"its own files, within their recorded sizes)")
+
+
+def test_metadata_reading_past_the_end_of_a_file_is_refused(two_checkpoints):
+    ckpt, _ = two_checkpoints
+    size = (ckpt / "__0_0.distcp").stat().st_size
+
+    def edit(md):
+        key = _storage(md, "model.0.bias")
+        md.storage_data[key] = dataclasses.replace(md.storage_data[key], offset=size - 10, length=1 << 40)
+    _rewrite_metadata(ckpt, edit)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.read_weights(ckpt)
+    assert str(e.value).startswith(f"{ckpt}/.metadata: entry 'model.0.bias' reads bytes {size - 10}..{size - 10}"
+                                   f"+{1 << 40} of __0_0.distcp, which holds {size} bytes; refusing to load it")
+
+
+@pytest.mark.parametrize("chunk_too", [False, True])
+def test_metadata_claiming_a_huge_tensor_is_refused_before_allocating_it(two_checkpoints, chunk_too: bool):
+    """A 4 TiB claim: refused from the checkpoint's own sizes, never handed to ``torch.empty``."""
+    ckpt, _ = two_checkpoints
+    huge = torch.Size([1 << 20, 1 << 20])
+
+    def edit(md):
+        entry = md.state_dict_metadata["model.0.weight"]
+        entry.size = huge
+        if chunk_too:
+            entry.chunks[0].sizes = huge
+            md.storage_data.pop(_storage(md, "model.0.weight"))
+            md.storage_data[dcp_metadata.MetadataIndex("model.0.weight", entry.chunks[0].offsets)] = \
+                next(iter(md.storage_data.values()))
+    _rewrite_metadata(ckpt, edit)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.read_weights(ckpt)
+    what = (": its chunk at (0, 0) (4398046511104 bytes) is not stored" if chunk_too else
+            " claims a tensor of size (1048576, 1048576) (4398046511104 bytes), more than its stored chunks hold "
+            "(128 bytes)")
+    assert str(e.value).startswith(f"{ckpt}/.metadata: entry 'model.0.weight'{what}; refusing to load it")
+
+
+class _Pwn:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-bytes",))
+
+
+def test_bytes_entries_never_reach_an_unpickler(two_checkpoints, tmp_path: Path, monkeypatch):
+    """DCP loads a ``BytesStorageMetadata`` entry with ``torch.load(weights_only=False)``: any
+    object, any code. A bigmodel checkpoint holds tensors only, so such an entry is refused by the
+    metadata check, and behind it the tensor-only filters of read_weights and restore stay. The
+    payload is live: with every guard removed, loading it runs its command."""
+    ckpt, _ = two_checkpoints
+    payload = io.BytesIO()
+    torch.save(_Pwn(), payload)
+
+    def edit(md):
+        md.state_dict_metadata["model.0.weight"] = dcp_metadata.BytesStorageMetadata()
+        key = _storage(md, "model.0.weight")
+        md.storage_data.pop(key)
+        md.storage_data[dcp_metadata.MetadataIndex("model.0.weight")] = dataclasses.replace(
+            md.storage_data[_storage(md, "model.0.bias")], relative_path="__0_1.distcp", offset=0,
+            length=len(payload.getvalue()))
+    _rewrite_metadata(ckpt, edit, extra={"__0_1.distcp": payload.getvalue()})
+    monkeypatch.chdir(tmp_path)
+    refusal = (f"{ckpt}/.metadata: entry 'model.0.weight' is not a tensor (BytesStorageMetadata); a bigmodel "
+               f"checkpoint saves tensors only; refusing to load it")
+    for read in (lambda: checkpoint.read_weights(ckpt), lambda: checkpoint.restore(ckpt, *_model_and_opt(1))):
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            read()
+        assert str(e.value).startswith(refusal)
+    # behind the metadata check: read_weights leaves the entry out, restore refuses non-tensors
+    monkeypatch.setattr(dcp, "check", lambda *a: None)
+    with pytest.raises(checkpoint.CheckpointError, match="lacks weights the model needs: 0.weight"):
+        checkpoint.load_weights(ckpt, _model_and_opt(1)[0])
+    with pytest.raises(checkpoint.CheckpointError, match="missing or not tensors: non-tensor entries"):
+        checkpoint.restore(ckpt, *_model_and_opt(1))
+    assert not (tmp_path / "pwned-by-bytes").exists()
+    # every guard removed: DCP unpickles the entry and runs the command
+    monkeypatch.setattr(dcp, "_is_tensor", lambda entry: True)
+    with contextlib.suppress(BaseException):
+        checkpoint.restore(ckpt, *_model_and_opt(1))
+    assert (tmp_path / "pwned-by-bytes").exists()

@@ -1,37 +1,59 @@
-"""Run-time output: metrics.jsonl, a progress line with loss, images/s and ETA, and clean stops."""
+"""Run-time output: ``metrics.jsonl`` (and TensorBoard events), and a progress line with loss,
+images/s and ETA.
+
+``metrics.jsonl`` holds one JSON object per logged step. A kill can tear its last line (the process
+dies inside ``write``): readers skip a line that does not parse, and a resumed run drops it with a
+note, so the file reads as the uninterrupted run's."""
 
 from __future__ import annotations
 
+import errno
 import json
-import signal
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from bigmodel.errors import DiskFull, RecipeError
+
 
 class MetricsLog:
     """Append-only JSON lines. On resume, lines past the checkpoint's step are dropped so that the
-    file reads as if the run had never stopped.
+    file reads as if the run had never stopped; so is a line torn by a kill (it does not parse),
+    with one note through ``note`` (default: a line on stderr).
 
     With ``tensorboard`` (a folder), every record's numbers also go to TensorBoard event files
     there, one scalar per key under ``train/``; on resume the events past the checkpoint's step
     are purged (``SummaryWriter(purge_step=...)``) for the same reason."""
 
-    def __init__(self, path: Path, resume_step: int = 0, tensorboard: Path | None = None):
+    def __init__(self, path: Path, resume_step: int = 0, tensorboard: Path | None = None,
+                 note: Callable[[str], None] | None = None):
         self.path = path
         if path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            records, torn = _parse(path.read_text())
+            if torn:
+                (note or _note)(f"{path}: dropped {_lines(torn)} that did not parse (torn by a kill during a write)")
+            keep = [ln for ln, rec in records if rec.get("step", 0) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp")  # rewritten atomically: a kill now loses nothing
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(path)
         self.tb = None
         if tensorboard is not None:
             self.tb = tensorboard_writer()(str(tensorboard), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no space left to write {self.path} ({e.strerror}); free space on that disk and "
+                               f"rerun the same command to resume from the last checkpoint") from None
+            raise
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float):
@@ -43,20 +65,45 @@ class MetricsLog:
             self.tb.close()
 
 
+def _parse(text: str) -> tuple[list[tuple[str, dict[str, Any]]], list[int]]:
+    """The ``(line, record)`` pairs of a metrics file, and the (1-based) numbers of the lines that
+    are not a JSON object (a torn last line)."""
+    records, torn = [], []
+    for i, ln in enumerate(text.splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append((ln, rec))
+        else:
+            torn.append(i)
+    return records, torn
+
+
+def _lines(numbers: list[int]) -> str:
+    return f"line {numbers[0]}" if len(numbers) == 1 else f"lines {', '.join(map(str, numbers))}"
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
 def tensorboard_writer() -> Any:
     """``torch.utils.tensorboard.SummaryWriter``, or a one-line error saying how to install it."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:  # torch imports the tensorboard package lazily, here
-        from bigmodel.recipe import RecipeError
-
         raise RecipeError("run.tensorboard=true needs the tensorboard package: pip install 'bigmodel[tensorboard]' "
                           "(or set run.tensorboard=false)") from e
     return SummaryWriter
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()] if Path(path).exists() else []
+    """The records of a ``metrics.jsonl`` (none if it does not exist), a torn line skipped."""
+    return [rec for _, rec in _parse(Path(path).read_text())[0]] if Path(path).exists() else []
 
 
 class StepProgress:
@@ -85,26 +132,3 @@ class StepProgress:
             rate = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
             eta = (self.total - step) / rate if rate > 0 else float("nan")
             self.console.print(f"step {step}/{self.total}  {info}  eta {eta:.0f}s", highlight=False)
-
-
-class GracefulStop:
-    """SIGTERM/SIGINT set a flag: the loop finishes its step, checkpoints and exits."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> GracefulStop:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
