@@ -26,10 +26,10 @@ __all__ = ["Pretrained", "Recipe", "RecipeError", "Result", "load", "resolve_rec
 # public name -> (module, attribute), imported on first access (PEP 562)
 _LAZY = {
     "run": ("bigmodel.api", "run_recipe"),
-    "load": ("bigmodel.api", "load"),
+    "load": ("bigmodel.loader", "load"),
     "resolve_recipe": ("bigmodel.api", "resolve_recipe"),
     "Result": ("bigmodel.api", "Result"),
-    "Pretrained": ("bigmodel.api", "Pretrained"),
+    "Pretrained": ("bigmodel.loader", "Pretrained"),
     "Recipe": ("bigmodel.recipe", "Recipe"),
     "RecipeError": ("bigmodel.recipe", "RecipeError"),
 }
