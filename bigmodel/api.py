@@ -239,7 +239,8 @@ def _run_locked(recipe: Recipe, run_dir: Path, data: Any, model: Any, console: C
         result["transfer_seconds"] = round(time.perf_counter() - t1, 1)
         console.print(table(rows))
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    _figures(run_dir, console)  # PNGs under RUN/figures, embedded by run_report.write
+    if recipe.run.figures:  # PNGs under RUN/figures, embedded by run_report.write
+        _figures(run_dir, console)
     json_path, html_path = run_report.write(run_dir, result)
     (run_dir / "transfer" / "partial.json").unlink(missing_ok=True)  # its rows are in report.json now
     console.print(f"report: {json_path}  {html_path}   ({result['seconds']:.0f}s)")

@@ -62,6 +62,7 @@ class RunConfig(BaseModel):
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard) for big models
     compile: bool = False  # torch.compile the backbone
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    figures: bool = True  # draw RUN/figures (probe, t-SNE, ...) at the end; false skips that work (tests, sweeps)
 
 
 class Component(BaseModel):

@@ -38,7 +38,7 @@ def tiny(tmp_path_factory) -> tuple[bigmodel.Result, torch.nn.Module]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(build, "experiment", spy)
         result = bigmodel.run("quickstart", {"run.tiny": True, "run.out": str(out), "run.precision": "fp32",
-                                             "transfer": [KNN]}, quiet=True)
+                                             "run.figures": False, "transfer": [KNN]}, quiet=True)
     return result, built["model"]
 
 
@@ -60,6 +60,7 @@ def test_run_returns_the_report_it_wrote(tiny) -> None:
     assert result.stopped is None and result.report["pretrain"]["steps_done"] == 6
     assert result.report["recipe"]["run"]["out"] == str(result.run_dir)
     assert result.report["recipe"]["architecture"]["size"] == "nano"  # the tiny keys applied
+    assert result.report["recipe"]["run"]["figures"] is False and not (result.run_dir / "figures").exists()
     assert [(r["task"], r["protocol"], r["settings"]["k"]) for r in result.rows] == [("digits", "knn", 20)]
     assert set(result.rows[0]["results"]) == {"pretrained", "random_init", "pixels"}
     assert result.top1("digits", "knn") == result.rows[0]["results"]["pretrained"]["top1"]

@@ -24,7 +24,7 @@ def _files(out: Path, name: str) -> dict[str, bytes]:
 
 def test_sweep_runs_the_grid_compares_and_resumes(tmp_path) -> None:
     out = tmp_path / "sweep"
-    args = ["run.tiny=true", "optim.steps=4,5,6", TRANSFER]
+    args = ["run.tiny=true", "optim.steps=4,5,6", TRANSFER, "run.figures=false"]
     result = api.sweep("quickstart", args, out, Console(quiet=True))
     assert [r["name"] for r in result["runs"]] == NAMES
     assert [r["state"] for r in result["runs"]] == ["done"] * 3

@@ -13,13 +13,15 @@ from bigmodel.architectures.base import Backbone
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A run directory of ``bigmodel run quickstart run.tiny=true`` at 16² pixels, with a one-line
-    transfer section (kNN on digits) so that the run's report.json carries transfer provenance."""
+    transfer section (kNN on digits) so that the run's report.json carries transfer provenance; no
+    figures (no test here looks at them)."""
     from bigmodel import api
     from bigmodel.recipe import resolve
 
     out = tmp_path_factory.mktemp("transfer") / "qs"
     recipe = resolve("quickstart", ["run.tiny=true", f"run.out={out}", "architecture.image_size=16",
-                                    "data.image_size=16", "transfer=[{task: digits, protocol: knn, k: 5}]"])
+                                    "data.image_size=16", "transfer=[{task: digits, protocol: knn, k: 5}]",
+                                    "run.figures=false"])
     api.run(recipe)
     return out
 
