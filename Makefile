@@ -1,12 +1,14 @@
-# The two commands: `make run` and `make test`. Both create .venv on first use and reinstall the
-# project only when pyproject.toml changed (the stamp file records the last install).
+# The commands: `make run`, `make test` (the fast tests, generated data only) and `make test-all`
+# (everything: slow tests too, and the real-data tests, which skip with their reason when the data
+# sets are not in $BIGMODEL_SHARED_DATA or ../shared/data). All create .venv on first use and reinstall
+# the project only when pyproject.toml changed (the stamp file records the last install).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +19,10 @@ run: $(STAMP)
 	$(BIN)/bigmodel run $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow and not realdata" $(ARGS)
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -37,6 +37,7 @@ def correct(top1: float, n: int) -> int:
     return count
 
 
+@pytest.mark.slow  # the README's command in a process of its own, figures included; `make test-all`
 def test_tiny_run_end_to_end(tmp_path) -> None:
     out = tmp_path / "run"
     proc = cli("run", "quickstart", "run.tiny=true", f"run.out={out}")

@@ -17,19 +17,18 @@ from bigmodel.errors import ImageError
 from bigmodel.export import export
 from bigmodel.predict import predict, read_image
 from bigmodel.train import checkpoint
-from tests.conftest import shared_file
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SHOWN = 6  # test digits written as PNG files
 
 
 @pytest.fixture(scope="module")
-def mnist(tmp_path_factory) -> dict:
-    """MNIST's first 512 training and 64 test images in an npz that names the classes, a tiny
+def mnist(tmp_path_factory, synthetic_dir) -> dict:
+    """The generated MNIST's (tests/conftest.py) first 512 training and 64 test images in an npz that names the classes, a tiny
     supervised ViT pretrained on it for a few steps (16 px input: the 28 px digits are resized by
     ``to_input``), and PNG files of the first test digits."""
     root = tmp_path_factory.mktemp("predict")
-    with np.load(shared_file("mnist.npz")) as d:
+    with np.load(synthetic_dir / "mnist.npz") as d:
         arrays = {"x_train": d["x_train"][:512], "y_train": d["y_train"][:512], "x_test": d["x_test"][:64],
                   "y_test": d["y_test"][:64], "classes": np.array(NAMES)}
     np.savez(root / "named.npz", **arrays)

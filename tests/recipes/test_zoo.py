@@ -1,5 +1,5 @@
-"""Every zoo recipe validates, opens with its command, and runs end to end in tiny mode, reproducing
-its golden losses."""
+"""Every zoo recipe validates, opens with its command, runs end to end in tiny mode (on generated
+MNIST-layout data), and reproduces its golden losses (on the real MNIST they were recorded on)."""
 
 from __future__ import annotations
 
@@ -7,33 +7,17 @@ import pytest
 from safetensors.torch import load_file
 
 from bigmodel import api
-from bigmodel.data.base import materialize
-from bigmodel.recipe import load_raw, resolve, zoo_names
+from bigmodel.data.base import expand_path, materialize
+from bigmodel.recipe import resolve, zoo_names
 from bigmodel.registry import DATASETS
 from bigmodel.train import checkpoint
 from bigmodel.transfer.base import pixels
-from tests.recipes.test_golden import assert_golden, golden_overrides
+from tests.recipes.test_golden import assert_golden, golden_overrides, logged_losses
 from tests.transfer.test_reference import REFERENCES
 
-SHARED = "$BIGMODEL_SHARED_DATA/"
 # quickstart's tiny mode scores the whole embedded digits set (slow here); it is the CLI's own
 # smoke test. Every other zoo recipe runs end to end in tiny mode below.
 TINY_RUNS = [n for n in zoo_names() if n != "quickstart"]
-
-
-def _data_overrides(raw: dict, request: pytest.FixtureRequest) -> list[str]:
-    """Point every ``$BIGMODEL_SHARED_DATA/<file>`` path of a recipe at the test fixture for that file
-    (which skips the test when the file is absent)."""
-    fixtures = {"mnist.npz": "mnist_npz", "cifar10.npz": "cifar10_npz"}
-    out = []
-    sections = [("data", raw.get("data") or {})]
-    sections += [(f"transfer.{i}.task", t["task"]) for i, t in enumerate(raw.get("transfer") or [])
-                 if isinstance(t.get("task"), dict)]
-    for key, section in sections:
-        path = str(section.get("path", ""))
-        if path.startswith(SHARED):
-            out.append(f"{key}.path={request.getfixturevalue(fixtures[path[len(SHARED):]])}")
-    return out
 
 
 @pytest.mark.parametrize("name", zoo_names())
@@ -45,17 +29,28 @@ def test_recipe_opens_with_its_command_and_validates(name):
     assert resolve(name, ["run.tiny=true"]).run.tiny
 
 
-@pytest.mark.slow
+@pytest.mark.realdata
 @pytest.mark.parametrize("name", TINY_RUNS)
-def test_recipe_runs_in_tiny_mode(name, tmp_path, request):
-    """The recipe's golden run end to end: its losses are the recorded ones (test_golden.py), its
-    transfer rows are accuracies over the 300 tiny test images, and raw pixels score exactly what
-    the scikit-learn / numpy references of tests/transfer/test_reference.py score."""
+def test_recipe_reproduces_its_golden_losses(name, tmp_path, real_mnist_npz):
+    """The recipe's golden run (pretraining) on the real MNIST the losses were recorded on: its
+    losses are the recorded ones (test_golden.py)."""
     out = tmp_path / name
-    recipe = resolve(name, [*golden_overrides(out), *_data_overrides(load_raw(name), request)])
+    recipe = resolve(name, [*golden_overrides(out), f"data.path={real_mnist_npz}", "run.figures=false"])
+    assert api.run(recipe, transfer=False)["pretrain"]["steps_done"] == recipe.optim.steps
+    assert_golden(name, out)
+
+
+@pytest.mark.parametrize("name", TINY_RUNS)
+def test_recipe_runs_in_tiny_mode(name, tmp_path, synthetic_data):
+    """The recipe's tiny run end to end on generated MNIST-layout data (tests/conftest.py): every
+    step trains, its transfer rows are accuracies over the 300 tiny test images, and raw pixels
+    score exactly what the scikit-learn / numpy references of tests/transfer/test_reference.py score."""
+    out = tmp_path / name
+    recipe = resolve(name, [*golden_overrides(out), "run.figures=false"])
+    assert recipe.data.name != "npz" or expand_path(recipe.data.kwargs["path"]) == synthetic_data / "mnist.npz"
     result = api.run(recipe)
     assert result["pretrain"]["steps_done"] == recipe.optim.steps
-    assert_golden(name, out)
+    assert list(logged_losses(out)) == [str(s) for s in range(1, recipe.optim.steps + 1)]
     assert [r["protocol"] for r in result["transfer"]] == ["linear", "knn"]
     for row, spec in zip(result["transfer"], recipe.transfer, strict=True):
         n = row["n_test"]

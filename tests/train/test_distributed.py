@@ -122,6 +122,7 @@ def test_a_non_finite_loss_on_one_rank_stops_both_and_keeps_the_previous_checkpo
     assert_close_weights(whole, resumed)
 
 
+@pytest.mark.slow  # torchrun on 2 processes, stopped, then 1 and 4; `make test-all`
 def test_sigterm_stops_a_torchrun_run_which_completes_on_one_and_on_four_processes(tmp_path: Path):
     stopped = tmp_path / "stopped"
     recipe_file = tmp_path / "recipe.yaml"
@@ -161,7 +162,7 @@ def _grads(model: torch.nn.Module, views: list[torch.Tensor], labels: torch.Tens
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_gives_the_same_gradients(synthetic_data):
     for name in ("quickstart", "mae-vit", "simclr-resnet"):  # ViT blocks, ViT + MAE decoder blocks, ResNetV2 stages
         recipe = resolve(name, ["run.tiny=true"])
         data, model = build.experiment(recipe)
@@ -199,6 +200,7 @@ def test_compile_and_activation_checkpointing_train_a_tiny_recipe(tmp_path: Path
     assert compiled == pytest.approx(plain, rel=1e-5)
 
 
+@pytest.mark.slow  # torchrun on 2 processes, end to end; `make test-all`
 def test_under_torchrun_only_rank_zero_transfers_and_reports(tmp_path: Path):
     """``bigmodel run`` on 2 processes: one banner, one transfer table, one report, both ranks exit 0."""
     out = tmp_path / "run"

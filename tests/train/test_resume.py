@@ -27,7 +27,7 @@ from bigmodel.cli import main
 from bigmodel.recipe import OptimConfig, resolve
 from bigmodel.train import checkpoint
 from bigmodel.train.trainer import lr_at
-from tests.helpers import REPO, cli, env
+from tests.helpers import REPO, env
 
 ARGS = ["quickstart", "run.tiny=true", "optim.steps=16", "run.checkpoint_every=2", "run.log_every=1",
         "optim.accum_steps=2"]
@@ -39,10 +39,12 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(last / "model.safetensors"))
 
 
-def test_sigkill_then_resume_is_bit_exact(tmp_path) -> None:
+@pytest.mark.slow  # a CLI process killed, then two runs of 16 steps; `make test-all`
+def test_sigkill_then_resume_is_bit_exact(tmp_path, capsys) -> None:
+    """Only the killed run needs a process of its own; the uninterrupted run and the resume run
+    here (``bigmodel.cli.main``), with the same single thread as a CLI process."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    proc = cli("pretrain", *ARGS, f"run.out={whole}")
-    assert proc.returncode == 0, proc.stderr
+    assert main(["pretrain", *ARGS, f"run.out={whole}"]) == 0
 
     p = subprocess.Popen([sys.executable, "-m", "bigmodel", "pretrain", *ARGS, f"run.out={killed}"],
                          cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -56,9 +58,9 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path) -> None:
     stopped_at = checkpoint.latest(killed)
     assert stopped_at is not None and stopped_at.name < "step_00000016"
 
-    proc = cli("pretrain", *ARGS, f"run.out={killed}")  # same command: resumes automatically
-    assert proc.returncode == 0, proc.stderr
-    assert "resuming from" in proc.stdout
+    capsys.readouterr()
+    assert main(["pretrain", *ARGS, f"run.out={killed}"]) == 0  # same command: resumes automatically
+    assert "resuming from" in capsys.readouterr().out
     a, b = final_weights(whole), final_weights(killed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -123,7 +125,7 @@ def test_zoo_recipe_stopped_and_resumed_is_bit_exact(name, tmp_path, mnist_npz) 
     resume exactly: 4 tiny steps straight vs stopped by SIGTERM after step 1 and resumed."""
     def recipe(out: Path):
         return resolve(name, ["run.tiny=true", "run.precision=fp32", "run.log_every=1", f"data.path={mnist_npz}",
-                              f"run.out={out}"])
+                              f"run.out={out}", "run.figures=false"])
 
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     quiet = Console(quiet=True)

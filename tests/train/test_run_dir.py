@@ -29,6 +29,7 @@ def dead_pid() -> int:
     return int(proc.stdout)
 
 
+@pytest.mark.slow  # six pretrain commands; `make test-all`
 def test_resume_by_any_path_to_the_same_folder(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["pretrain", *TINY, "run.out=runs/pt"]) == EXIT_OK
@@ -115,6 +116,7 @@ ROWS = [  # row 1 and 2 fine-tune (seconds each): long enough to send SIGTERM wh
 ]
 
 
+@pytest.mark.slow  # a subprocess stopped by a signal, then resumed; `make test-all`
 def test_sigterm_during_transfer_saves_the_rows_done_and_the_rerun_finishes_the_rest(tmp_path) -> None:
     raw = load_raw("quickstart")
     raw["transfer"] = ROWS

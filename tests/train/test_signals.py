@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch.nn.modules.module import register_module_forward_hook
@@ -41,6 +42,7 @@ def steps_logged(run_dir: Path) -> list[int]:
     return [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
+@pytest.mark.slow  # a subprocess stopped by a signal, then resumed; `make test-all`
 def test_sigterm_checkpoints_exits_3_and_resumes_bit_exact(tmp_path) -> None:
     args = [*TINY, "optim.steps=24", "run.checkpoint_every=1000"]  # no periodic checkpoint before the signal's
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
@@ -110,6 +112,7 @@ def _diverge(tmp_path: Path, capsys, nan_at: int, grads_only: bool = False) -> t
     return status, capsys.readouterr().err, whole, bad
 
 
+@pytest.mark.slow  # a straight run and a diverging one, then a resume; `make test-all`
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys) -> None:
     status, err, whole, bad = _diverge(tmp_path, capsys, nan_at=5)
     assert status != 0 and status == getattr(cli, "EXIT_DIVERGED", status)
