@@ -211,7 +211,7 @@ def _run_locked(recipe: Recipe, run_dir: Path, data: Any, model: Any, console: C
         return result
     backbone = model.backbone
     result["model"] = {"backbone_params": backbone.num_params(), "total_params": sum(p.numel() for p in model.parameters()),
-                       **flops.for_run(recipe, data, model)}
+                       **flops.for_run(recipe, data, model, world=summary["processes"])}
     if transfer and recipe.transfer:
         t1 = time.perf_counter()
         dev = build.device(recipe.run)
@@ -222,7 +222,10 @@ def _run_locked(recipe: Recipe, run_dir: Path, data: Any, model: Any, console: C
         if done:
             console.print(f"transfer: {len(done)} of {len(recipe.transfer)} rows already scored ({partial})",
                           highlight=False)
-        subjects = {"pretrained": backbone, "random_init": build.random_twin(recipe, data).to(dev), PIXELS: None}
+        # one device for every subject, the one `bigmodel transfer RUN` loads the checkpoint on (after
+        # FSDP the gathered model is in host memory)
+        subjects = {"pretrained": backbone.to(dev), "random_init": build.random_twin(recipe, data).to(dev),
+                    PIXELS: None}
 
         def keep(key: str, row: dict[str, Any]) -> None:  # each row is saved as soon as it is scored
             done[key] = row

@@ -19,12 +19,14 @@ experts; in training it runs every expert on its fixed-size capacity buffer, as 
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from bigmodel.architectures.base import Backbone
+from bigmodel.data.loader import batches
 
 aten = torch.ops.aten
 
@@ -97,25 +99,27 @@ def train_step_flops(objective: torch.nn.Module, views: list[torch.Tensor], labe
     e.g. SimCLR's two; MAE's encoder on the visible tokens and its decoder) and the backward, in
     ``accum_steps`` micro-batches as the trainer runs them. The optimizer update is not counted.
 
-    Side-effect free: gradients, the training flag and the RNG state are restored.
+    Runs on a copy (:func:`_scratch_copy`), one micro-batch at a time moved to the objective's
+    device, with the RNG state restored: the objective's weights, gradients and buffers (BatchNorm's
+    running statistics, which a training-mode forward updates) stay exactly as they were, so what
+    is scored afterwards is what its checkpoint holds.
     """
-    params = [p for p in objective.parameters() if p.requires_grad]
-    saved = [p.grad for p in params]
-    was_training = objective.training
-    devices = [d for d in {v.device for v in views} if d.type == "cuda"]
-    try:
-        objective.train()
-        for p in params:
-            p.grad = None
-        with torch.random.fork_rng(devices=devices), counter() as count:
-            chunks = zip(*(v.chunk(accum_steps) for v in views), labels.chunk(accum_steps), strict=True)
-            for *micro, y in chunks:
-                objective(list(micro), y)["loss"].backward()
-    finally:
-        for p, g in zip(params, saved, strict=True):
-            p.grad = g
-        objective.train(was_training)
+    scratch = _scratch_copy(objective).train()
+    dev = next(objective.parameters()).device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), counter() as count:
+        chunks = zip(*(v.chunk(accum_steps) for v in views), labels.chunk(accum_steps), strict=True)
+        for *micro, y in chunks:
+            scratch([m.to(dev) for m in micro], y.to(dev))["loss"].backward()
     return count.get_total_flops()
+
+
+def _scratch_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module`` whose parameters are new ``Parameter`` objects over the same storage
+    (no memory for the weights; gradients land on the copy's) and whose buffers and other state
+    are copies: nothing run on it reaches ``module``."""
+    memo: dict[int, Any] = {id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+                            for p in module.parameters()}
+    return copy.deepcopy(module, memo)
 
 
 def summary(objective: torch.nn.Module, views: list[torch.Tensor], labels: torch.Tensor,
@@ -127,13 +131,14 @@ def summary(objective: torch.nn.Module, views: list[torch.Tensor], labels: torch
             "train_images_per_step": len(labels)}
 
 
-def for_run(recipe: Any, data: Any, objective: torch.nn.Module) -> dict[str, Any]:
+def for_run(recipe: Any, data: Any, objective: torch.nn.Module, world: int = 1) -> dict[str, Any]:
     """:func:`summary` on the run's first training batch, made as the trainer makes it (same
-    sampler, seed and views), on the objective's device."""
-    from bigmodel.data.loader import batches
-
+    sampler, seed and views). The views stay in host memory and the count runs one micro-batch at
+    a time on the objective's device: the batch is cut into ``accum_steps · world`` micro-batches,
+    the pieces the ``world`` processes of a torchrun launch ran, so one process counts the global
+    step without holding more than one rank's micro-batch. (A contrastive loss that gathers
+    across ranks is counted on each piece alone: its similarity matrix is the local one.)"""
     cfg, seed = recipe.optim, recipe.run.seed
     images, labels = next(batches(data, cfg.batch_size, seed, 0, 1))
-    dev = next(objective.parameters()).device
-    views = [v.to(dev) for v in objective.views(images, torch.Generator().manual_seed(seed * 1_000_003))]
-    return summary(objective, views, labels.to(dev), getattr(cfg, "accum_steps", 1))
+    views = objective.views(images, torch.Generator().manual_seed(seed * 1_000_003))
+    return summary(objective, views, labels, getattr(cfg, "accum_steps", 1) * world)

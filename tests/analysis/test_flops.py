@@ -107,3 +107,65 @@ def test_summary_reports_gflops() -> None:
     assert summary(obj, [x], y) == {"forward_gflops_per_image": round(12288 / 1e9, 6),
                                     "train_gflops_per_step": round(train_step_flops(obj, [x], y) / 1e9, 4),
                                     "train_images_per_step": 3}
+
+
+def test_counting_a_train_step_leaves_every_weight_buffer_and_gradient_as_it_was() -> None:
+    """SimCLR's projector has BatchNorm: a training-mode forward updates its running statistics,
+    which the old count left changed in the trained objective (report.json ≠ its checkpoint)."""
+    obj = SimCLR(_lstm(), proj_hidden=7, proj_dim=5)
+    before = {k: v.clone() for k, v in obj.state_dict().items()}
+    assert any("running_mean" in k for k in before)
+    x = torch.randn(3, 1, 8, 8)
+    obj.eval()
+    train_step_flops(obj, [x, x.flip(-1)], torch.zeros(3, dtype=torch.long), accum_steps=1)
+    after = obj.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in obj.parameters()) and not obj.training
+
+
+def test_a_run_of_several_processes_is_counted_one_rank_micro_batch_at_a_time(monkeypatch) -> None:
+    """After DDP the count ran the whole global batch in rank 0's memory; :func:`for_run` now cuts it
+    into the ``accum_steps · world`` pieces the ranks ran (SimCLR: each piece's own similarities)."""
+    from types import SimpleNamespace
+
+    from bigmodel.analysis.flops import for_run
+    from bigmodel.data.base import TensorImages
+
+    data = TensorImages(torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    recipe = SimpleNamespace(optim=SimpleNamespace(batch_size=8, accum_steps=2), run=SimpleNamespace(seed=0))
+    obj = SimCLR(_lstm(), proj_hidden=7, proj_dim=5)
+    n = 2 * 8 // 4  # two views of each rank's micro-batch of 2 images
+    piece = 2 * n * PATCH_EMBED + 3 * n * LSTM_LAYERS + 3 * mm(n, 12, 7) + 3 * mm(n, 7, 5) + 4 * mm(n, 5, n)
+    from bigmodel.analysis import flops
+
+    seen = []
+    monkeypatch.setattr(flops, "summary", lambda o, views, labels, accum: seen.append((views, labels, accum)) or {})
+    for_run(recipe, data, obj, world=2)
+    ((views, labels, accum),) = seen
+    assert accum == 4 and [tuple(v.shape) for v in views] == [(8, 1, 8, 8)] * 2 and len(labels) == 8
+    assert train_step_flops(obj, views, labels, accum) == 4 * piece
+
+
+BN_RESNET = ("{name: timm, model: resnet10t, image_size: 16, in_chans: 1, "
+             "model_kwargs: {channels: [8, 16, 16, 16], stem_width: 8}}")
+
+
+def test_report_rows_of_a_batchnorm_backbone_equal_transfer_of_its_checkpoint(tmp_path) -> None:
+    """Issue 17: the FLOPs count ran a training step on the trained model before transfer, moving
+    its BatchNorm statistics away from the checkpoint's; the report's rows now are exactly what
+    ``bigmodel transfer RUN`` scores from that checkpoint."""
+    from rich.console import Console
+
+    from bigmodel import api
+    from bigmodel.recipe import resolve
+
+    out = tmp_path / "bn"
+    recipe = resolve("quickstart", ["run.tiny=true", f"run.out={out}", f"architecture={BN_RESNET}",
+                                    "data.image_size=16", "optim.steps=2", "run.precision=fp32",
+                                    "transfer=[{task: digits, protocol: knn, k: 5}]"])
+    report = api.run(recipe, Console(quiet=True))
+    assert report["model"]["train_gflops_per_step"] > 0
+    again = api.transfer(out, console=Console(quiet=True))
+    scored = [{k: v for k, v in row["results"]["pretrained"].items() if k != "seconds"} for row in again]
+    reported = [{k: v for k, v in row["results"]["pretrained"].items() if k != "seconds"} for row in report["transfer"]]
+    assert scored == reported
