@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from bigmodel import api
+from bigmodel.cli import main
 from bigmodel.analysis import figures
 from bigmodel.recipe import validate
 from bigmodel.train import checkpoint
-from tests.helpers import cli
 
 
 def tiny_npz(path: Path) -> Path:
@@ -89,8 +89,7 @@ def test_run_writes_figures_and_a_copy_without_data_still_reports(tmp_path: Path
     assert "mnist-linear-abc.json" in page and "12.50" in page
 
 
-def test_report_cli_refuses_a_folder_that_is_no_run(tmp_path: Path):
-    out = cli("report", str(tmp_path))
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
+def test_report_cli_refuses_a_folder_that_is_no_run(tmp_path: Path, capsys):
+    assert main(["report", str(tmp_path)]) == 2  # in-process: the exit status and stderr of the command
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"recipe error: report {tmp_path}: not a bigmodel run directory (no recipe.yaml or checkpoints/)"]
