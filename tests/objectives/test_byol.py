@@ -17,10 +17,12 @@ from safetensors.torch import load_file
 from bigmodel import api
 from bigmodel.architectures.resnet import ResNet
 from bigmodel.architectures.vit import ViT
+from bigmodel.commands.pretrain import pretrain
 from bigmodel.objectives.byol import BYOL, byol_loss, solarize, target_momentum
 from bigmodel.recipe import RecipeError, resolve, validate
 from bigmodel.registry import ARCHITECTURES
 from bigmodel.train import build, checkpoint
+from bigmodel.train.run_dir import open_run
 
 TIMM_TINY = {"model": "deit_tiny_patch16_224", "image_size": 16, "in_chans": 1,
              "model_kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}}
@@ -234,9 +236,6 @@ DIST = {"architecture": {"name": "vit", "size": "nano", "image_size": 16, "patch
 
 
 def _train(out: Path) -> None:
-    from bigmodel.commands.pretrain import pretrain
-    from bigmodel.train.run_dir import open_run
-
     r = validate({**DIST, "run": {**DIST["run"], "out": str(out)}})
     data, model = build.experiment(r)
     with open_run(r, Console(quiet=True)) as run_dir:
