@@ -45,15 +45,16 @@ def pretrain(recipe: Recipe, run_dir: Path, data: ImageDataset, model: Objective
         distributed.seed_rank(run.seed, rank)  # forward-time draws (MAE's masks) differ between ranks
     opt = build.optimizer(distributed.unwrapped(net), cfg)
     dtype = build.autocast_dtype(run, dev)
-    loop = trainer.Loop(steps=cfg.steps, seed=run.seed, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, dtype=dtype,
-                run_dir=run_dir, checkpoint_every=run.checkpoint_every, keep_checkpoints=run.keep_checkpoints,
-                log_every=run.log_every, tensorboard=run.tensorboard, rank=rank, world=world,
-                meta={"recipe": recipe.raw, "num_classes": data.num_classes,  # the objective rebuilds without data
-                      "classes": list(getattr(data, "classes", None) or [])})
+    loop = trainer.Loop(steps=cfg.steps, seed=run.seed, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip,
+                        dtype=dtype, run_dir=run_dir, checkpoint_every=run.checkpoint_every,
+                        keep_checkpoints=run.keep_checkpoints, log_every=run.log_every, tensorboard=run.tensorboard,
+                        rank=rank, world=world,
+                        meta={"recipe": recipe.raw, "num_classes": data.num_classes,  # rebuilt without the data
+                              "classes": list(getattr(data, "classes", None) or [])})
     out = trainer.fit(model, opt, lambda step: trainer.lr_at(step, cfg),
-              lambda start: build.batches(data, cfg.batch_size, run.seed, start, cfg.steps, run.num_workers,
-                                          rank, world, cfg.accum_steps),
-              loop, console, net=net)
+                      lambda start: build.batches(data, cfg.batch_size, run.seed, start, cfg.steps, run.num_workers,
+                                                  rank, world, cfg.accum_steps),
+                      loop, console, net=net)
     distributed.unwrap(net, model)
     if out["stopped"] and rank == 0:
         console.print(f"stopped at step {out['steps_done']}; checkpoint saved, resume with --resume {run_dir}")

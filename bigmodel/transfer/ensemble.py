@@ -53,7 +53,8 @@ def ensemble(members: Sequence[tuple[str, Backbone]], train: TensorImages, test:
     best = max(r["top1"] for r in rows)
     preds = [p.argmax(1) for p in probs]
     disagreement = [[100.0 * (a != b).float().mean().item() for b in preds] for a in preds]
-    console.print(f"  ensemble of {len(rows)}: top-1 {combined['top1']:.2f}% (best member {best:.2f}%)", highlight=False)
+    console.print(f"  ensemble of {len(rows)}: top-1 {combined['top1']:.2f}% (best member {best:.2f}%)",
+                  highlight=False)
     return {"protocol": "finetune", "settings": protocol.settings(), "combine": "mean of softmax probabilities",
             "n_train": len(train), "n_test": len(test), "members": rows,
             "ensemble": {**combined, "size": len(rows)}, "best_member_top1": best,

@@ -116,7 +116,8 @@ def provenance(checkpoint: str | Path | None = None, step: int | None = None,
     """What a transfer table was computed from, beyond the rows' own settings."""
     return {"checkpoint": None if checkpoint is None else str(checkpoint), "step": step,
             "feature_precision": str(dtype or torch.float32).replace("torch.", ""), "device": device,
-            "versions": versions(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **extra}
 
 

@@ -51,7 +51,8 @@ def load_suite(source: str | Path) -> list[dict[str, Any]]:
     elif Path(source).is_file():
         text = Path(source).read_text()
     else:
-        raise RecipeError(f"suite {source!r}: neither a file nor a built-in suite; built-in: {', '.join(suite_names())}")
+        raise RecipeError(f"suite {source!r}: neither a file nor a built-in suite; "
+                          f"built-in: {', '.join(suite_names())}")
     raw = yaml.safe_load(text) or {}
     entries = raw.get("transfer") if isinstance(raw, dict) else None
     if not isinstance(entries, list) or not entries:
@@ -118,7 +119,8 @@ def apply_sets(entries: list[dict[str, Any]], sets: list[str] | tuple[str, ...])
         else:
             targets = [e for e in entries if _accepts(e, key, on_task)]
             if not targets:
-                raise RecipeError(f"--set {arg}: no {'task' if on_task else 'protocol'} of these entries has a key {key!r}")
+                raise RecipeError(f"--set {arg}: no {'task' if on_task else 'protocol'} of these entries "
+                                  f"has a key {key!r}")
         for e in targets:
             (e["task"] if on_task else e)[key] = value
     return entries

@@ -108,7 +108,8 @@ def test_allowed_pair_takes_a_step(arch: str, objective: str) -> None:
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
-    without = [n for n, p in model.backbone.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    without = [n for n, p in model.backbone.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert without == [n for n in trainable if n in no_grad(arch, objective)]
     if arch == "vit-moe":  # 4 MoE layers (every: 1, ViT-nano's 4 blocks), each adding its weighted balance loss
         assert len(logits) == 4
