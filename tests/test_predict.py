@@ -24,9 +24,9 @@ SHOWN = 6  # test digits written as PNG files
 
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory, synthetic_dir) -> dict:
-    """The generated MNIST's (tests/conftest.py) first 512 training and 64 test images in an npz that names the classes, a tiny
-    supervised ViT pretrained on it for a few steps (16 px input: the 28 px digits are resized by
-    ``to_input``), and PNG files of the first test digits."""
+    """The generated MNIST's (tests/conftest.py) first 512 training and 64 test images in an npz that
+    names the classes, a tiny supervised ViT pretrained on it for a few steps (16 px input: the 28 px
+    digits are resized by ``to_input``), and PNG files of the first test digits."""
     root = tmp_path_factory.mktemp("predict")
     with np.load(synthetic_dir / "mnist.npz") as d:
         arrays = {"x_train": d["x_train"][:512], "y_train": d["y_train"][:512], "x_test": d["x_test"][:64],

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from bigmodel import api
-from bigmodel.cli import main
 from bigmodel.analysis import figures
+from bigmodel.cli import main
 from bigmodel.recipe import validate
 from bigmodel.train import checkpoint
 

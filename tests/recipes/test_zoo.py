@@ -58,7 +58,8 @@ def test_recipe_runs_in_tiny_mode(name, tmp_path, synthetic_data):
         assert set(row["results"]) == {"pretrained", "random_init", "pixels"}
         for res in row["results"].values():  # a share of n images: a whole number of them right
             assert res["top1"] == pytest.approx(100 * round(res["top1"] * n / 100) / n, abs=1e-4)
-        train, test = (materialize(DATASETS.build(spec.task.name, split=s, **spec.task.kwargs)) for s in ("train", "test"))
+        train, test = (materialize(DATASETS.build(spec.task.name, split=s, **spec.task.kwargs))
+                       for s in ("train", "test"))
         expected = REFERENCES[row["protocol"]](row["settings"], pixels(train).numpy(), train.targets.numpy(),
                                                pixels(test).numpy(), test.targets.numpy())
         assert round(row["results"]["pixels"]["top1"] * n / 100) == expected

@@ -64,7 +64,8 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, capsys) -> None:
     a, b = final_weights(whole), final_weights(killed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    steps = [int(line.split('"step": ')[1].split(",")[0])
+             for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))  # no duplicated or missing log lines across the kill
 
 
@@ -105,7 +106,8 @@ def sigterm_after(updates: int) -> Iterator[None]:
         nonlocal count
         count += 1
         if count == updates:
-            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "training installed no SIGTERM handler"
+            handler = signal.getsignal(signal.SIGTERM)
+            assert handler not in (signal.SIG_DFL, None), "training installed no SIGTERM handler"
             os.kill(os.getpid(), signal.SIGTERM)
 
     handle = register_optimizer_step_post_hook(hook)
