@@ -32,6 +32,7 @@ suite's table; ``C`` (or ``alpha``) beside it lists that shot count's values.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -86,12 +87,12 @@ class FewShot(Protocol):
         primary: Annotated[int, Field(ge=1)] | None = None,
         classifier: Literal["logistic", "ridge"] = "logistic",
         C: Literal["auto"] | Annotated[float, Field(gt=0)] = "auto",
-        C_grid: list[Annotated[float, Field(gt=0)]] = C_GRID,
+        C_grid: Sequence[Annotated[float, Field(gt=0)]] = C_GRID,
         folds: Annotated[int, Field(ge=2)] = 5,
         cv_scoring: Literal["log_loss", "top1"] = "log_loss",
         one_shot_C: Annotated[float, Field(gt=0)] = 1.0,
         alpha: Literal["auto"] | Annotated[float, Field(gt=0)] = "auto",
-        alpha_grid: list[Annotated[float, Field(gt=0)]] = ALPHA_GRID,
+        alpha_grid: Sequence[Annotated[float, Field(gt=0)]] = ALPHA_GRID,
     ):
         self.shots = sorted(set(shots))
         if not self.shots:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -120,7 +121,7 @@ class Linear(Protocol):
     """
 
     def __init__(self, C: Literal["auto"] | Annotated[float, Field(gt=0)] = "auto",
-                 C_grid: list[Annotated[float, Field(gt=0)]] = C_GRID,
+                 C_grid: Sequence[Annotated[float, Field(gt=0)]] = C_GRID,
                  val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2, val_seed: int = 0,
                  max_iter: Annotated[int, Field(ge=1)] = 1000, tol: Annotated[float, Field(gt=0)] = 1e-4,
                  solver: Literal["newton-cg", "lbfgs"] = "newton-cg"):
@@ -152,7 +153,8 @@ class Linear(Protocol):
         return {"C": best_C(self.C_grid, scores), "grid": self.C_grid, "val_top1": scores,
                 "val_images": int(val.sum()), "converged": converged}
 
-    def fit(self, x_train: np.ndarray, y_train: np.ndarray) -> tuple[StandardScaler, LogisticRegression, dict[str, Any]]:
+    def fit(self, x_train: np.ndarray,
+            y_train: np.ndarray) -> tuple[StandardScaler, LogisticRegression, dict[str, Any]]:
         """Standardise, choose C (``auto``) and fit on all of ``x_train`` ``(N, D)``; returns the
         scaler, the classifier and ``{"C", "converged", "iterations"[, "C_search"]}``."""
         scaler = StandardScaler().fit(x_train)

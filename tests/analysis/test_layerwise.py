@@ -132,7 +132,8 @@ def test_curve_draws_the_pixel_baseline_as_a_horizontal_line() -> None:
 @pytest.mark.parametrize("blocks, title", [
     (4, "vit × mae: linear probe per block, mnist_limit5000 (3000 train / 3000 test)"),  # was cut off
     (12, "resnet × simclr: linear probe per block, digits (1347 train / 450 test)"),
-    (2, "igpt × autoregressive: linear probe per block, a_task_with_a_very_long_name_indeed (60000 train / 10000 test)"),
+    (2, "igpt × autoregressive: linear probe per block, a_task_with_a_very_long_name_indeed "
+        "(60000 train / 10000 test)"),
 ])
 def test_the_title_lies_inside_the_figure(blocks: int, title: str) -> None:
     """Measured with matplotlib's renderer: the rendered title's box is inside the figure's, and the

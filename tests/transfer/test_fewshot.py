@@ -107,9 +107,11 @@ def test_logistic_C_is_cross_validated_within_each_draw_as_gridsearchcv():
                 search = GridSearchCV(LogisticRegression(max_iter=1000, tol=1e-4, solver="newton-cg"),
                                       {"C": list(C_GRID)}, scoring="neg_log_loss",
                                       cv=StratifiedKFold(min(k, 5), shuffle=True, random_state=seed), refit=False)
-                expected = search.fit(StandardScaler().fit_transform(x_tr[idx].numpy()), y_tr[idx].numpy()).best_params_["C"]
+                shots = StandardScaler().fit_transform(x_tr[idx].numpy())
+                expected = search.fit(shots, y_tr[idx].numpy()).best_params_["C"]
             assert res["per_shot"][k]["C"][i] == expected
-            assert res["per_shot"][k]["runs"][i] == Linear(C=expected).fit_score(x_tr[idx], y_tr[idx], x_te, y_te)["top1"]
+            refit = Linear(C=expected).fit_score(x_tr[idx], y_tr[idx], x_te, y_te)
+            assert res["per_shot"][k]["runs"][i] == refit["top1"]
             chosen.append(expected)
     assert len(set(chosen[2:])) > 1  # the draws do not all land on one C: the search is doing something
     assert res == protocol.fit_score(x_tr, y_tr, x_te, y_te)  # deterministic
@@ -127,7 +129,8 @@ def test_ridge_alpha_is_leave_one_out_within_each_draw():
             idx = sample_shots(y_tr, k, seed)
             clf = RidgeClassifierCV(alphas=list(ALPHA_GRID)).fit(x_tr[idx].numpy(), y_tr[idx].numpy())
             assert res["per_shot"][k]["alpha"][seed] == clf.alpha_
-            assert res["per_shot"][k]["runs"][seed] == 100.0 * (torch.from_numpy(clf.predict(x_te.numpy())) == y_te).float().mean().item()
+            pred = torch.from_numpy(clf.predict(x_te.numpy()))
+            assert res["per_shot"][k]["runs"][seed] == 100.0 * (pred == y_te).float().mean().item()
     assert res["alpha"] == res["per_shot"][5]["alpha"] and "C" not in res
 
 
