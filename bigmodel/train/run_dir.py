@@ -9,8 +9,10 @@ saved ``recipe.yaml`` against the new recipe, and saves the new one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -21,7 +23,8 @@ import yaml
 from rich.console import Console
 
 from bigmodel.data.loader import rank_world
-from bigmodel.recipe import Recipe, RecipeError
+from bigmodel.errors import DiskFull, RecipeError
+from bigmodel.recipe import Recipe
 
 LOCK = ".lock"
 RELEASED: dict[str, Any] = {"pid": 0, "host": "released"}  # the lock vanished while being read
@@ -82,9 +85,18 @@ def check_recipe(run_dir: Path, recipe: Recipe, console: Console) -> None:
 
 
 def save_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """Write ``recipe.yaml`` atomically. Raises DiskFull when the disk has no room for it (the
+    temporary file removed, the previous recipe.yaml kept)."""
     saved = run_dir / "recipe.yaml"
     tmp = saved.with_suffix(".yaml.tmp")
-    tmp.write_text(recipe.to_yaml())
+    try:
+        tmp.write_text(recipe.to_yaml())
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        tmp.unlink(missing_ok=True)
+        raise DiskFull(f"no space left to write {saved} ({e.strerror}, {shutil.disk_usage(run_dir).free:,} bytes "
+                       f"free); free some space and rerun the same command") from None
     tmp.replace(saved)
 
 

@@ -3,8 +3,10 @@ two trainers, a failed run's folder reusable, and a transfer stopped by SIGTERM 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,7 +105,8 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys) -> None:
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / LOCK).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
     assert main(["pretrain", *TINY, f"run.out={tmp_path}/r"]) == EXIT_OK
-    note = f"note: took over {tmp_path}/r/{LOCK}: the lock of process {pid} on {socket.gethostname()}, which is no longer running"
+    note = (f"note: took over {tmp_path}/r/{LOCK}: the lock of process {pid} on {socket.gethostname()}, "
+            f"which is no longer running")
     assert note in " ".join(capsys.readouterr().out.split())
     assert not (tmp_path / "r" / LOCK).exists()
 
@@ -149,3 +152,30 @@ def test_sigterm_during_transfer_saves_the_rows_done_and_the_rerun_finishes_the_
         ("linear", None), ("finetune", 40), ("finetune", 41), ("knn", None)]
     assert rows[:n] == done  # taken as saved (timings included), not recomputed
     assert not partial.exists()
+
+
+def test_a_full_disk_while_saving_the_recipe_is_one_line_and_keeps_the_old_one(tmp_path, monkeypatch) -> None:
+    from pathlib import Path
+
+    from bigmodel.errors import DiskFull
+    from bigmodel.recipe import resolve
+    from bigmodel.train import run_dir as run_dir_mod
+
+    recipe = resolve("quickstart", ["run.tiny=true", f"run.out={tmp_path}/r"])
+    run_dir_mod.save_recipe(writable := run_dir_mod.writable_folder(tmp_path / "r"), recipe)
+    before = (writable / "recipe.yaml").read_text()
+    real = Path.write_text
+
+    def full(self, data, *args, **kwargs):
+        if self.name == "recipe.yaml.tmp":
+            real(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(run_dir_mod.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 512, 512))
+    with pytest.raises(DiskFull) as e:
+        run_dir_mod.save_recipe(writable, recipe)
+    assert str(e.value) == (f"no space left to write {writable / 'recipe.yaml'} (No space left on device, 512 bytes "
+                            f"free); free some space and rerun the same command")
+    assert sorted(p.name for p in writable.iterdir()) == ["recipe.yaml"]
+    assert (writable / "recipe.yaml").read_text() == before

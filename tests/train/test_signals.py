@@ -1,13 +1,16 @@
 """Stops: SIGTERM to a real pretraining process checkpoints and exits with status 3, and the resumed
 run ends bit-identical to an uninterrupted one; a non-finite loss stops the run with one clear line
 and a non-zero status, keeping the last good checkpoint intact (it loads and resumes to the
-uninterrupted run's weights)."""
+uninterrupted run's weights); a full disk at a checkpoint exits with status 5 and loses nothing; a
+metrics line torn by a kill is dropped on resume."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,7 +121,8 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     assert status != 0 and status == getattr(cli, "EXIT_DIVERGED", status)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert "loss became nan at step 5" in lines[0] and f"last good checkpoint stays in {bad / 'checkpoints'}" in lines[0]
+    assert "loss became nan at step 5" in lines[0]
+    assert f"last good checkpoint stays in {bad / 'checkpoints'}" in lines[0]
     assert "optim.lr" in lines[0]  # what to try
     last = checkpoint.latest(bad)
     assert last.name == "step_00000004" and steps_logged(bad) == [1, 2, 3, 4]
@@ -132,3 +136,70 @@ def test_non_finite_gradients_never_reach_a_checkpoint(tmp_path, capsys) -> None
     assert status != 0
     last = checkpoint.latest(bad)
     assert all(torch.isfinite(w).all() for w in weights(last).values()), f"{last.name} holds NaN weights"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """An uninterrupted 6-step run checkpointed every 2 steps, shared by the fault tests below."""
+    whole = tmp_path_factory.mktemp("straight") / "whole"
+    assert cli.main(["pretrain", *TINY, "run.checkpoint_every=2", f"run.out={whole}"]) == 0
+    return whole
+
+
+def test_a_full_disk_at_a_checkpoint_exits_5_with_one_line_and_the_rerun_finishes(straight, tmp_path, capsys,
+                                                                                  monkeypatch) -> None:
+    """Issue 17: ENOSPC while writing step 4's checkpoint was a SafetensorError / torch traceback,
+    exit 1 and a .tmp-step_* folder left behind. Now: one line (the folder, bytes needed and free),
+    exit 5, the partial folder removed, step 2 intact; once space is freed the same command resumes
+    and ends with the uninterrupted run's weights."""
+    args = [*TINY, "run.checkpoint_every=2"]
+    whole, full = straight, tmp_path / "full"
+    real = checkpoint._write
+
+    def write(path: Path, data: bytes) -> None:  # the disk fills halfway through step 4's state.pt
+        if path.parent.name == ".tmp-step_00000004" and path.name == "state.pt":
+            path.write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+    monkeypatch.setattr(checkpoint, "_write", write)
+    capsys.readouterr()
+    assert cli.main(["pretrain", *args, f"run.out={full}"]) == cli.EXIT_DISK_FULL == 5
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    ckpt4 = re.escape(str(full / "checkpoints" / "step_00000004"))
+    assert re.fullmatch(rf"error: disk full writing checkpoint {ckpt4}: "
+                        r"it needs [0-9,]+ bytes, [0-9,]+ bytes free; the partial folder \.tmp-step_00000004 was "
+                        r"removed and step_00000002 is intact\. Free some space and rerun the same command to resume",
+                        lines[0]), lines[0]
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step_00000002"]
+    assert checkpoint.latest(full).name == "step_00000002"
+
+    monkeypatch.undo()  # space freed
+    assert cli.main(["pretrain", *args, f"run.out={full}"]) == 0
+    assert_same_weights(checkpoint.latest(whole), checkpoint.latest(full))
+    assert steps_logged(full) == steps_logged(whole) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_note_and_resume_ends_as_the_straight_run(straight, tmp_path,
+                                                                                            capsys) -> None:
+    """Issue 17: a kill while writing step 5's metrics line left half a JSON line after the step-4
+    checkpoint; resuming crashed parsing it. It is dropped with one note, and the resumed file holds
+    the uninterrupted run's records (images/s aside: a timing)."""
+    args = [*TINY, "run.checkpoint_every=2"]
+    whole, torn = straight, tmp_path / "torn"
+    assert cli.main(["pretrain", *args, f"run.out={torn}"]) == 0
+    shutil.rmtree(torn / "checkpoints" / "step_00000006")  # killed during step 5: the last checkpoint is step 4
+    lines = (torn / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == [1, 2, 3, 4, 5, 6]
+    (torn / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][: len(lines[4]) // 2])
+    capsys.readouterr()
+    assert cli.main(["pretrain", *args, f"run.out={torn}"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {torn / 'metrics.jsonl'}: dropped line 5 that did not parse (torn by a kill during a write)" in err
+
+    def records(run: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(ln).items() if k != "images_per_s"}
+                for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records(torn) == records(whole) and len(records(whole)) == 6
+    assert_same_weights(checkpoint.latest(whole), checkpoint.latest(torn))
