@@ -35,7 +35,6 @@ EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
 EXIT_DIVERGED = 4
 EXIT_DISK_FULL = 5  # not bad input (2) nor a stop (3): nothing to fix in the command, space to free
-EXIT_DISK_FULL = 5  # not bad input (2) nor a stop (3): nothing to fix in the command, space to free
 
 
 def _recipe(args: argparse.Namespace):
@@ -333,9 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
-    except DiskFull as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_DISK_FULL
     except DiskFull as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DISK_FULL

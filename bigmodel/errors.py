@@ -53,8 +53,3 @@ class NonFiniteLoss(RuntimeError):
 class DiskFull(RuntimeError):
     """No space left to write a checkpoint or the metrics: nothing is lost (the partial checkpoint is
     removed, the previous one kept), the run resumes once space is freed (exit status 5)."""
-
-
-class DiskFull(RuntimeError):
-    """No space left to write a checkpoint or the metrics: nothing is lost (the partial checkpoint is
-    removed, the previous one kept), the run resumes once space is freed (exit status 5)."""
