@@ -105,16 +105,55 @@ def check_batch_size(recipe: Recipe, data: ImageDataset) -> None:
 
 
 def batch_memory(recipe: Recipe, data: ImageDataset, model: Objective) -> int:
-    """A lower bound, in bytes, of what one training step holds on each process: the float views
-    of its slice of the batch (shapes from ``model.views`` of one blank image), and the weights,
-    gradients and two AdamW moments (16 bytes per parameter). Activations come on top and
-    depend on the architecture, so they are not counted."""
+    """A lower bound, in bytes, of what one training step holds on each process besides activations:
+    the float views of its slice of the batch (shapes from ``model.views`` of one blank image), and
+    the weights, gradients and two AdamW moments (16 bytes per parameter)."""
     blank = torch.zeros(1, data.channels, data.image_size, data.image_size, dtype=torch.uint8)
     with torch.no_grad():
         views = model.views(blank, torch.Generator().manual_seed(0))
     per_image = sum(v[:1].numel() * 4 for v in views)  # fp32 views
     per_rank = -(-recipe.optim.batch_size // rank_world()[1])
     return per_rank * per_image + 16 * sum(p.numel() for p in model.parameters())
+
+
+def micro_batch(recipe: Recipe) -> int:
+    """Images in one forward/backward pass of one process: the batch over processes and ``accum_steps``."""
+    return -(-recipe.optim.batch_size // (rank_world()[1] * recipe.optim.accum_steps))
+
+
+def activation_memory(recipe: Recipe, data: ImageDataset, model: Objective, images: int = 2) -> int:
+    """Bytes of activations one image keeps for the backward pass: what a training-mode forward of
+    ``images`` blank images saves for backward (autograd's saved tensors, each storage once; the
+    weights, buffers and views, counted by :func:`batch_memory`, left out), per image, under the run's
+    autocast. An estimate from below: transient buffers of a kernel are not seen. Zero under
+    ``run.activation_checkpointing`` (blocks recompute theirs). The model is left as built: its
+    buffers (BatchNorm statistics) are restored and the random state is forked."""
+    if recipe.run.activation_checkpointing:
+        return 0
+    blank = torch.zeros(images, data.channels, data.image_size, data.image_size, dtype=torch.uint8)
+    with torch.random.fork_rng():
+        views = model.views(blank, torch.Generator().manual_seed(0))
+    known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *views]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in known:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    dtype = precision.autocast_dtype(recipe.run.precision, device(recipe.run))
+    buffers, was_training = {k: v.clone() for k, v in model.named_buffers()}, model.training
+    try:
+        with torch.random.fork_rng(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            model.train()(views, torch.zeros(images, dtype=torch.long))
+    finally:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
+        model.train(was_training)
+    return -(-sum(saved.values()) // images)
 
 
 def available_memory(dev: torch.device) -> int | None:
@@ -136,15 +175,30 @@ def available_memory(dev: torch.device) -> int | None:
 
 
 def check_memory(recipe: Recipe, data: ImageDataset, model: Objective) -> None:
-    """Refuse a batch whose views and model state alone exceed the free memory, before the first
-    step tries to allocate them (see :func:`batch_memory`)."""
+    """Refuse a batch that does not fit the free memory, before the first step tries to allocate it:
+    its views and the model's training state (:func:`batch_memory`) plus the activations of one
+    micro-batch (:func:`micro_batch` images × :func:`activation_memory`)."""
     dev = device(recipe.run)
     free = available_memory(dev)
-    need = batch_memory(recipe, data, model)
-    if free is not None and need > free:
-        raise ValueError(f"optim.batch_size = {recipe.optim.batch_size} needs at least {need / 2**30:.1f} GiB "
-                         f"(the batch's views and the model's weights, gradients and optimizer state, before "
-                         f"activations), more than the {free / 2**30:.1f} GiB free on {dev.type}; lower optim.batch_size")
+    if free is None:
+        return
+    state = batch_memory(recipe, data, model)
+    if state > free:
+        raise ValueError(f"optim.batch_size = {recipe.optim.batch_size} needs at least {_gib(state)} (the batch's "
+                         f"views and the model's weights, gradients and optimizer state, before activations), more "
+                         f"than the {_gib(free)} free on {dev.type}; lower optim.batch_size")
+    micro, per_image = micro_batch(recipe), activation_memory(recipe, data, model)
+    if state + micro * per_image > free:
+        raise ValueError(
+            f"optim.batch_size = {recipe.optim.batch_size} needs at least {_gib(state + micro * per_image)} per "
+            f"process: {_gib(state)} for the batch's views and the model's weights, gradients and optimizer "
+            f"state, and {_gib(micro * per_image)} of activations ({micro} images per forward pass × "
+            f"{per_image / 2**20:.1f} MiB), more than the {_gib(free)} free on {dev.type}; raise optim.accum_steps, "
+            f"lower optim.batch_size or set run.activation_checkpointing=true")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def random_twin(recipe: Recipe, data: ImageDataset | None = None, pretrained: Backbone | None = None) -> Backbone:
