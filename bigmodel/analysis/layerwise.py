@@ -12,6 +12,7 @@ images for every block and subject alike); features come from
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,9 @@ def curve_figure(rows: list[dict[str, Any]], title: str) -> Any:
 
 
 def _fit_title(fig: Any, ax: Any, title: str) -> None:
-    """Set ``title``, wrapped to fewer characters per line until it lies inside the figure."""
+    """Set ``title``, wrapped to fewer characters per line until it lies inside the figure; a
+    parenthesis (``(60 train / 60 test)``) stays on one line where it fits."""
+    title = re.sub(r"\([^)]*\)", lambda m: m.group(0).replace(" ", "\u00a0"), title)
     width = len(title)
     while True:
         ax.set_title(textwrap.fill(title, width) if width < len(title) else title)

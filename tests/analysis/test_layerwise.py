@@ -246,3 +246,12 @@ def test_analyze_against_a_finetuned_copy(tiny_run, capsys) -> None:
         assert sim["cka"][i][i] == round(cka.linear_cka(mine[i][1], tuned[i][1]), 6)
     assert sim["cka"][3][3] < 1.0  # fine-tuning moved the last block
     assert main(["analyze", str(tiny_run), "--task", "digits", "--finetune", "steps=0"]) == 2
+
+
+def test_a_wrapped_title_keeps_its_parenthesis_on_one_line() -> None:
+    import matplotlib.pyplot as plt
+
+    fig = layerwise.curve_figure(_rows(4), "vit × supervised: linear probe per block, digits (60 train / 60 test)")
+    assert fig.axes[0].get_title().split("\n") == ["vit × supervised: linear probe per block, digits",
+                                                   "(60\u00a0train\u00a0/\u00a060\u00a0test)"]
+    plt.close(fig)
