@@ -42,7 +42,7 @@ def test_error_found_only_when_building_is_still_a_recipe_error(tmp_path, monkey
     [
         ["architecture.patchsize=4"],  # unknown key
         ["optim.batch_size=many"],  # wrong type
-        ["objective.name=byol"],  # unknown component
+        ["objective.name=no-such-objective"],  # unknown component (byol is registered now)
         ["optim.warmup_steps=-3"],  # out of range
         ["data.path=/nonexistent.npz", "data.name=npz"],  # missing file, found when building
     ],

@@ -1,6 +1,6 @@
-"""Backbones, one file per family; importing the package registers them."""
+"""Backbones, one file per family; :data:`bigmodel.registry.ARCHITECTURES` imports them on its first
+lookup, so a new family is one new file here."""
 
-from bigmodel.architectures import igpt, lstm, resnet, vit  # noqa: F401
 from bigmodel.architectures.base import Backbone
 
 __all__ = ["Backbone"]
