@@ -242,7 +242,8 @@ def _bars(result: dict[str, Any]) -> bytes | None:
                 ax.hlines(twin, x - width * 0.45, x + width * 0.45, colors="black", linewidth=2,
                           label=None if twin_drawn else "random-init twin")
                 twin_drawn = True
-    ax.set_xticks(range(len(columns)), columns, rotation=15 if len(columns) > 3 else 0, ha="right" if len(columns) > 3 else "center")
+    many = len(columns) > 3
+    ax.set_xticks(range(len(columns)), columns, rotation=15 if many else 0, ha="right" if many else "center")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Transfer accuracy per task · protocol (pretrained; black tick: random-init twin)")
@@ -272,8 +273,9 @@ def _scaling(result: dict[str, Any], key: str, axis: str, xlabel: str) -> bytes 
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%, pretrained)")
+    no_fit = f" (no power-law fit: needs ≥ {MIN_FIT_POINTS} runs of different x)"
     ax.set_title(f"Accuracy against {'pretraining compute' if axis == 'compute' else 'parameters'}"
-                 f"{'' if result['fits'][axis] else f' (no power-law fit: needs ≥ {MIN_FIT_POINTS} runs of different x)'}")
+                 + ("" if result["fits"][axis] else no_fit))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
@@ -303,8 +305,10 @@ def _html(result: dict[str, Any], figures: dict[str, bytes | None]) -> str:
         cells = [f'<td class="l" title="{html.escape(r["run"])}">{html.escape(r["label"])}</td>',
                  f'<td class="l">{html.escape(str(r["architecture"]))}'
                  f'{" " + html.escape(str(r["size"])) if r.get("size") else ""}</td>',
-                 f'<td class="l">{html.escape(str(r["objective"]))}</td>', f'<td class="l">{html.escape(r["data"])}</td>',
-                 f"<td>{_fmt(r['params'])}</td>", f"<td>{_fmt(r['steps'])}</td>", f"<td>{_fmt(r['pretrain_gflops'], 1)}</td>"]
+                 f'<td class="l">{html.escape(str(r["objective"]))}</td>',
+                 f'<td class="l">{html.escape(r["data"])}</td>',
+                 f"<td>{_fmt(r['params'])}</td>", f"<td>{_fmt(r['steps'])}</td>",
+                 f"<td>{_fmt(r['pretrain_gflops'], 1)}</td>"]
         for c in columns:
             gap = r["random_init_gap"].get(c)
             cells.append(f"<td>{_fmt(r['top1'].get(c))}"
@@ -314,7 +318,8 @@ def _html(result: dict[str, Any], figures: dict[str, bytes | None]) -> str:
                    f"<td class='l'>{html.escape(col)}</td><td>{f['a']:.4g}</td><td>{f['b']:.4g}</td>"
                    f"<td>{f['r2']:.3f}</td><td>{f['n']}</td></tr>"
                    for axis, per in result["fits"].items() for col, f in per.items())
-    fit_table = (f"<table><tr><th>x</th><th>task · protocol</th><th>a</th><th>b</th><th>R²</th><th>runs</th></tr>{fits}</table>"
+    fit_head = "<tr><th>x</th><th>task · protocol</th><th>a</th><th>b</th><th>R²</th><th>runs</th></tr>"
+    fit_table = (f"<table>{fit_head}{fits}</table>"
                  if fits else f"<p>No fit: a power law is fitted where a column has at least {MIN_FIT_POINTS} runs "
                     f"(with different compute or parameters).</p>")
     imgs = "".join(f'<h2>{html.escape(t[0].upper() + t[1:])}</h2><img alt="{html.escape(t)}" '

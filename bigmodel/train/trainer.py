@@ -130,7 +130,8 @@ class FirstNonFinite:
         self.values = torch.zeros(2, device=dev)  # that step's loss and gradient norm
 
     def update(self, out: dict[str, torch.Tensor], step: int) -> None:
-        values = torch.stack([out[k].detach().float().reshape(()).to(self.values.device) for k in ("loss", "grad_norm")])
+        values = torch.stack([out[k].detach().float().reshape(()).to(self.values.device)
+                              for k in ("loss", "grad_norm")])
         new = (self.step == 0) & ~torch.isfinite(values).all()
         self.step = torch.where(new, step, self.step)
         self.values = torch.where(new, values, self.values)
@@ -172,11 +173,14 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
     log = None
     if loop.run_dir is not None and loop.rank == 0:  # only rank 0 writes
         loop.run_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(loop.run_dir / "metrics.jsonl", start, loop.run_dir / "tensorboard" if loop.tensorboard else None)
+        log = MetricsLog(loop.run_dir / "metrics.jsonl", start,
+                         loop.run_dir / "tensorboard" if loop.tensorboard else None)
     history: list[dict[str, Any]] = []
     images_seen, t_last, done, stopping, watch = 0, time.perf_counter(), start, False, FirstNonFinite(dev)
-    stop_ctx = GracefulStop() if ckpt_dir is not None and loop.stop_on_signal else contextlib.nullcontext(GracefulStop())
-    with StepProgress(shown, loop.steps, start, loop.label) as bar, stop_ctx as stop, distributed.data_parallel(loop.world):
+    signals = ckpt_dir is not None and loop.stop_on_signal
+    stop_ctx = GracefulStop() if signals else contextlib.nullcontext(GracefulStop())
+    progress = StepProgress(shown, loop.steps, start, loop.label)
+    with progress as bar, stop_ctx as stop, distributed.data_parallel(loop.world):
         for step, (images, labels) in enumerate(batches_fn(start), start):
             for group in opt.param_groups:
                 group["lr"] = lr_fn(step)

@@ -40,7 +40,8 @@ class Toy(nn.Module):
 def _batches(start: int):
     for step in range(start, 10):
         g = torch.Generator().manual_seed(step)
-        yield torch.randint(0, 256, (8, 1, 2, 2), generator=g, dtype=torch.uint8), torch.randint(0, 3, (8,), generator=g)
+        images = torch.randint(0, 256, (8, 1, 2, 2), generator=g, dtype=torch.uint8)
+        yield images, torch.randint(0, 3, (8,), generator=g)
 
 
 def _fit(model: Toy, loop: Loop, console: Console | None = None) -> dict:
@@ -98,7 +99,8 @@ def test_a_run_dir_gets_checkpoints_metrics_and_an_exact_resume(tmp_path, monkey
     resumed = Toy()
     out = _fit(resumed, loop, Console(file=text, width=300))
     assert "resuming from" in text.getvalue() and [r["step"] for r in out["history"]] == [7, 8, 9, 10]
-    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True))
+    pairs = zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["step"] for ln in lines] == list(range(1, 11))
 
@@ -123,7 +125,8 @@ def test_a_non_finite_loss_stops_with_one_line(tmp_path):
         def forward(self, views, labels):
             return {"loss": super().forward(views, labels)["loss"] * float("nan")}
 
-    with pytest.raises(NonFiniteLoss, match=r"^loss became nan at step 1; the last good checkpoint stays in .*checkpoints "
+    with pytest.raises(NonFiniteLoss, match=r"^loss became nan at step 1; the last good checkpoint stays in "
+                                            r".*checkpoints "
                                             r"\(try a lower optim.lr\)$"):
         _fit(Nan(), Loop(steps=10, log_every=2, run_dir=tmp_path))
 

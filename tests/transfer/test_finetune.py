@@ -134,7 +134,8 @@ def test_finetune_checkpoints_and_a_killed_finetune_resumes_to_the_same_weights(
     train = digits(split="train")
     protocol = Finetune(steps=8, batch_size=16, lr=0.1, mixup_alpha=0.2, checkpoint_every=2,
                         checkpoint_dir=str(tmp_path / "ft"))
-    whole, _ = Finetune(steps=8, batch_size=16, lr=0.1, mixup_alpha=0.2).fit(tiny_mlp(), train, console=Console(quiet=True))
+    whole, _ = Finetune(steps=8, batch_size=16, lr=0.1, mixup_alpha=0.2).fit(tiny_mlp(), train,
+                                                                            console=Console(quiet=True))
 
     calls = _counting(monkeypatch, fail_at=5)  # dies in step 5, after the checkpoint of step 4
     with pytest.raises(RuntimeError, match="killed"):
@@ -164,7 +165,8 @@ def test_finetunes_of_different_backbones_never_resume_each_other(tiny_mlp, tmp_
 
 
 def test_finetune_stops_on_a_non_finite_loss(tiny_mlp):
-    with pytest.raises(trainer.NonFiniteLoss, match=r"^gradient norm became inf at step 2; nothing was saved \(try a lower finetune lr\)$"):
+    with pytest.raises(trainer.NonFiniteLoss,
+                       match=r"^gradient norm became inf at step 2; nothing was saved \(try a lower finetune lr\)$"):
         Finetune(steps=3, batch_size=16, lr=1e30, warmup_steps=0).fit(tiny_mlp(), digits(split="train"),
                                                                        console=Console(quiet=True))
 
@@ -184,7 +186,8 @@ def test_default_learning_rate_learns_where_bits_stays_at_chance(tiny_mlp):
     train = digits(split="train")
     losses = {}
     for base_lr in (0.4, 0.003):
-        model, _ = Finetune(steps=50, batch_size=64, base_lr=base_lr).fit(tiny_mlp(), train, console=Console(quiet=True))
+        model, _ = Finetune(steps=50, batch_size=64, base_lr=base_lr).fit(tiny_mlp(), train,
+                                                                          console=Console(quiet=True))
         losses[base_lr] = model.train_loss
     assert losses[0.003] > 2.29  # ln 10 = 2.303: the zero-initialised head has barely moved
     assert losses[0.4] < 2.25
@@ -210,7 +213,8 @@ def test_finetune_leaves_signals_to_its_caller(tiny_mlp, monkeypatch, tmp_path):
     import signal
 
     seen, real = [], trainer.train_step
-    monkeypatch.setattr(trainer, "train_step", lambda *a, **k: seen.append(signal.getsignal(signal.SIGTERM)) or real(*a, **k))
+    monkeypatch.setattr(trainer, "train_step",
+                        lambda *a, **k: seen.append(signal.getsignal(signal.SIGTERM)) or real(*a, **k))
     before = signal.getsignal(signal.SIGTERM)
     Finetune(steps=2, batch_size=16, checkpoint_dir=str(tmp_path)).fit(tiny_mlp(), digits(split="train"),
                                                                        console=Console(quiet=True))
@@ -240,7 +244,8 @@ def test_finetunes_of_two_tasks_of_one_size_never_resume_each_other(tiny_run, tm
     capsys.readouterr()
     row_b = api.transfer_task(tiny_run, b, "finetune", quiet=True, **settings)
     printed = capsys.readouterr().out
-    alone = api.transfer_task(tiny_run, b, "finetune", quiet=True, **{**settings, "checkpoint_dir": str(tmp_path / "b")})
+    alone = api.transfer_task(tiny_run, b, "finetune", quiet=True,
+                              **{**settings, "checkpoint_dir": str(tmp_path / "b")})
     assert "resuming" not in printed and "step 3/3" in printed
     assert len(list((tmp_path / "ft").iterdir())) == 2
     own, ref = ({k: v for k, v in r["results"]["pretrained"].items() if k != "seconds"} for r in (row_b, alone))
