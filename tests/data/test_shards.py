@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 
 from bigmodel import cli
+from bigmodel.commands.pretrain import pretrain
 from bigmodel.data import shards as shards_mod
 from bigmodel.data.base import TensorImages, materialize
 from bigmodel.data.digits import digits
@@ -23,7 +24,6 @@ from bigmodel.data.shards import Shards, write_shards
 from bigmodel.errors import DataError
 from bigmodel.recipe import validate
 from bigmodel.train import build
-from bigmodel.train.trainer import pretrain
 
 N, SHARD, B, WORLD, STREAMS = 96, 10, 4, 2, 2  # 10 shards (9 × 10 + 6); 48 samples per stream
 STEPS = N // B  # steps in one epoch: 24, each rank reading B / WORLD samples of each
