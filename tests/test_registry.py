@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -56,3 +59,36 @@ def test_every_entry_has_a_schema_and_docs(registry: Registry) -> None:
 def test_unknown_name_lists_valid_ones() -> None:
     with pytest.raises(KeyError, match="valid: .*vit"):
         ARCHITECTURES.get("vitt")
+
+
+def test_a_registry_imports_its_package_on_first_lookup(tmp_path, monkeypatch) -> None:
+    """STYLE.md 19: nothing imports the components for their side effects; the first lookup does,
+    every public module of the package once (``_private`` modules are not components)."""
+    pkg = tmp_path / "fakecomponents"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "reg.py").write_text("from bigmodel.registry import Registry\n"
+                                "R = Registry('thing', package='fakecomponents')\n")
+    use = "from fakecomponents.reg import R\n\n"
+    (pkg / "alpha.py").write_text(use + "@R.register('a')\nclass A:\n    'An a.'\n")
+    (pkg / "beta.py").write_text(use + "@R.register('b')\ndef b(size: int = 2):\n    'A b.'\n")
+    (pkg / "_private.py").write_text("raise RuntimeError('not a component module')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from fakecomponents.reg import R
+
+    assert "fakecomponents.alpha" not in sys.modules
+    assert "b" in R
+    assert {"fakecomponents.alpha", "fakecomponents.beta"} <= set(sys.modules)
+    assert R.names() == ["a", "b"] and R.build("b", size=3) is None and R.describe("b") == "size=2"
+    for name in ("fakecomponents", "fakecomponents.reg", "fakecomponents.alpha", "fakecomponents.beta"):
+        monkeypatch.delitem(sys.modules, name)
+
+
+def test_the_registries_fill_themselves_in_a_fresh_process() -> None:
+    """Validating a recipe in a process that imported only the recipe module finds every component."""
+    code = ("import sys; from bigmodel.recipe import resolve; r = resolve('simclr-vit', ['run.tiny=true']); "
+            "from bigmodel.registry import ARCHITECTURES, OBJECTIVES, PROTOCOLS; "
+            "print(r.objective.name, 'timm' in ARCHITECTURES, sorted(set(OBJECTIVES.names()) & {'mae', 'simclr'}), "
+            "PROTOCOLS.names())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[0] == "simclr True ['mae', 'simclr'] ['fewshot', 'finetune', 'knn', 'linear']"
