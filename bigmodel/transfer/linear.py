@@ -6,7 +6,8 @@ BiT (Kolesnikov et al., 2020) do: a stratified validation split is carved from t
 (:func:`validation_split`: ``val_fraction`` of every class, deterministic by ``val_seed``), the
 classifier is fitted on the rest for every C of a log grid (``C_grid``, 10^-4..10^2 by default) and
 scored (top-1) on the held-out part; the best C (ties: the smallest, the strongest regularisation)
-is refitted on all training images, so the result equals the probe with that C fixed. Every subject
+is refitted on all training images, so the result equals the probe with that C fixed (a best C at
+either end of the grid is announced in one line: the optimum may lie beyond it). Every subject
 (pretrained, twin, pixels) goes through the same search, so the columns stay comparable. The
 features are standardised once (with the whole training split's statistics, no labels involved) and
 reused by every fit; the grid is walked from strong to weak regularisation, each fit starting from
@@ -178,4 +179,8 @@ class Linear(Protocol):
         elif "C_search" in info and not info["C_search"]["converged"]:
             print(f"linear probe: a fit of the C search did not converge in {self.max_iter} iterations (the chosen "
                   f"C may differ); raise the protocol's max_iter", file=sys.stderr)
+        if "C_search" in info and len(self.C_grid) > 1 and info["C"] in (self.C_grid[0], self.C_grid[-1]):
+            side = "smallest" if info["C"] == self.C_grid[0] else "largest"
+            print(f"linear probe: the chosen C = {info['C']:g} is the C_grid's {side}; a wider C_grid may score higher",
+                  file=sys.stderr)
         return {"top1": 100.0 * (pred == y_test).float().mean().item(), **info}

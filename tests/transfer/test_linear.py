@@ -156,3 +156,13 @@ def test_auto_needs_two_images_of_some_class() -> None:
         Linear().check(y)
     assert str(err.value) == ("linear: C = auto holds out training images to choose C, but no class has 2 "
                               "training images; set C to a number")
+
+
+def test_a_C_at_the_edge_of_the_grid_is_announced_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    """On these features validation top-1 still rises at C = 0.01, so a grid that stops there ends on
+    its best C, which may not be the optimum: one line says so (the default grid's choice is inside)."""
+    x_train, y_train, x_test, y_test = _features()
+    result = Linear(C_grid=[1e-3, 1e-2]).fit_score(x_train, y_train, x_test, y_test)
+    assert result["C"] == 0.01
+    assert capsys.readouterr().err == ("linear probe: the chosen C = 0.01 is the C_grid's largest; a wider C_grid "
+                                       "may score higher\n")
