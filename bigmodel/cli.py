@@ -24,11 +24,17 @@ import contextlib
 import json
 import sys
 
+import yaml
 from rich.console import Console
 
 from bigmodel import api
+from bigmodel.analysis.compat import matrix_table
+from bigmodel.data.shards import write_shards
 from bigmodel.errors import DiskFull, InputError, NonFiniteLoss, RecipeError
-from bigmodel.recipe import zoo_names, zoo_text
+from bigmodel.recipe import component, load_raw, zoo_names, zoo_text
+from bigmodel.registry import ARCHITECTURES, DATASETS, OBJECTIVES, PROTOCOLS
+from bigmodel.train import build
+from bigmodel.transfer.suites import task_entry
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -80,8 +86,6 @@ def cmd_transfer(args: argparse.Namespace, console: Console) -> int:
     if args.task or args.protocol:
         if not (args.task and args.protocol) or args.suite:
             raise RecipeError("give --task and --protocol together, or --suite NAME, or neither (the recipe's own suite)")
-        from bigmodel.transfer.suites import task_entry
-
         specs = [{"task": task_entry(args.task), "protocol": args.protocol}]
     with _as_recipe_errors():
         rows = api.transfer(args.checkpoint, specs, console, suite=args.suite, sets=args.set)
@@ -111,14 +115,10 @@ def cmd_zoo(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_components(args: argparse.Namespace, console: Console) -> int:
-    from bigmodel.registry import ARCHITECTURES, DATASETS, OBJECTIVES, PROTOCOLS
-
     for reg in (ARCHITECTURES, DATASETS, OBJECTIVES, PROTOCOLS):
         console.print(f"[bold]{reg.kind}s[/]")
         for name in reg.names():
             console.print(f"  {name:<14} {reg.describe(name)}", highlight=False)
-    from bigmodel.analysis.compat import matrix_table
-
     console.print(matrix_table())
     return 0
 
@@ -127,13 +127,6 @@ def cmd_data_shard(args: argparse.Namespace, console: Console) -> int:
     """``bigmodel data shard SRC [key=value ...] DST --size N``: SRC is a registered dataset, or a
     recipe (zoo name or YAML file) whose ``data`` section is taken; ``key=value`` set that
     dataset's keys, ``split=train|test`` picks the split."""
-    import yaml
-
-    from bigmodel.data.shards import write_shards
-    from bigmodel.recipe import _component, load_raw
-    from bigmodel.registry import DATASETS
-    from bigmodel.train import build
-
     if args.size < 1:
         raise RecipeError(f"data shard: --size must be at least 1, got {args.size}")
     if len(args.spec) < 2:
@@ -150,7 +143,7 @@ def cmd_data_shard(args: argparse.Namespace, console: Console) -> int:
     split = str(cfg.pop("split", "train"))
     if split not in ("train", "test"):
         raise RecipeError(f"data.split = {split!r}: must be train or test")
-    spec = _component("data", cfg, DATASETS)
+    spec = component("data", cfg, DATASETS)
     try:
         data = build.dataset(spec, split)
         index = write_shards(data, dst, split, args.size, {"name": spec.name, **spec.kwargs, "split": split},

@@ -275,9 +275,9 @@ def validate(raw: dict[str, Any]) -> Recipe:
     for key in ("architecture", "data", "objective"):
         if not isinstance(raw.get(key), dict):
             raise RecipeError(f"{key}: missing section; it needs at least a name")
-    arch = _component("architecture", raw["architecture"], ARCHITECTURES)
-    data = _component("data", raw["data"], DATASETS)
-    obj = _component("objective", raw["objective"], OBJECTIVES)
+    arch = component("architecture", raw["architecture"], ARCHITECTURES)
+    data = component("data", raw["data"], DATASETS)
+    obj = component("objective", raw["objective"], OBJECTIVES)
     optim = _model("optim", OptimConfig, raw.get("optim") or {})
     run = _model("run", RunConfig, raw.get("run") or {})
     transfer = []
@@ -285,7 +285,7 @@ def validate(raw: dict[str, Any]) -> Recipe:
     if not isinstance(specs, list):
         raise RecipeError("transfer: must be a list of {task, protocol, ...} entries")
     for i, spec in enumerate(specs):
-        transfer.append(_transfer(f"transfer.{i}", spec))
+        transfer.append(transfer_entry(f"transfer.{i}", spec))
     _check_compatible(arch, obj)
     return Recipe(
         architecture=arch, data=data, objective=obj, optim=optim, run=run,
@@ -293,7 +293,8 @@ def validate(raw: dict[str, Any]) -> Recipe:
     )
 
 
-def _component(section: str, cfg: Any, registry: Registry) -> Component:
+def component(section: str, cfg: Any, registry: Registry) -> Component:
+    """A ``{name, **kwargs}`` section validated against ``registry`` (``section`` names it in errors)."""
     if not isinstance(cfg, dict) or "name" not in cfg:
         raise RecipeError(f"{section}: needs a name; valid: {', '.join(registry.names())}")
     kwargs = {k: v for k, v in cfg.items() if k != "name"}
@@ -318,15 +319,16 @@ def _model(section: str, model: type[BaseModel], cfg: Any) -> Any:
         raise RecipeError(_one_line(section, e, model)) from None
 
 
-def _transfer(section: str, spec: Any) -> TransferSpec:
+def transfer_entry(section: str, spec: Any) -> TransferSpec:
+    """A ``{task, protocol, **protocol keys}`` entry validated into a :class:`TransferSpec`."""
     if not isinstance(spec, dict) or "task" not in spec or "protocol" not in spec:
         raise RecipeError(f"{section}: needs task and protocol, e.g. {{task: digits, protocol: linear}}")
     task = spec["task"]
     task = {"name": task} if isinstance(task, str) else task
     protocol = {"name": spec["protocol"], **{k: v for k, v in spec.items() if k not in ("task", "protocol")}}
     return TransferSpec(
-        task=_component(f"{section}.task", task, DATASETS),
-        protocol=_component(f"{section}.protocol", protocol, PROTOCOLS),
+        task=component(f"{section}.task", task, DATASETS),
+        protocol=component(f"{section}.protocol", protocol, PROTOCOLS),
     )
 
 

@@ -277,10 +277,10 @@ def test_safetensors_holds_the_backbone_alone_with_its_preprocessing(tmp_path):
     assert (cfg["bigmodel"]["classes"], cfg["bigmodel"]["step"], cfg["bigmodel"]["objective"]) == (CLASSES, 5, "supervised")
     assert (cfg["num_classes"], cfg["num_features"]) == (0, 96)
     # the section and the weights rebuild the backbone
-    from bigmodel.recipe import _component
+    from bigmodel.recipe import component
     from bigmodel.registry import ARCHITECTURES
 
-    net = build.backbone(_component("architecture", section, ARCHITECTURES)).eval()
+    net = build.backbone(component("architecture", section, ARCHITECTURES)).eval()
     net.load_state_dict(weights, strict=True)
     x = images(1, 16)
     with torch.no_grad():

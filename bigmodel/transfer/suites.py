@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from bigmodel.data import base as data_base
-from bigmodel.recipe import RecipeError, TransferSpec, _transfer, parse_override
+from bigmodel.recipe import RecipeError, TransferSpec, parse_override, transfer_entry
 from bigmodel.registry import DATASETS, PROTOCOLS
 
 SHARED_DATA_VAR = data_base.SHARED_DATA_VAR
@@ -133,7 +133,7 @@ def _accepts(entry: dict[str, Any], key: str, on_task: bool) -> bool:
 
 def specs(entries: list[dict[str, Any]], sets: list[str] | tuple[str, ...] = ()) -> list[TransferSpec]:
     """Validated transfer specs of raw entries (after ``sets``); problems raise :class:`RecipeError`."""
-    return [_transfer(f"transfer.{i}", e) for i, e in enumerate(apply_sets(entries, sets))]
+    return [transfer_entry(f"transfer.{i}", e) for i, e in enumerate(apply_sets(entries, sets))]
 
 
 def check(specs: list[TransferSpec]) -> None:
