@@ -187,7 +187,8 @@ def imagefolder(
     """
     folder = expand_path(root)
     if not folder.is_dir():
-        raise FileNotFoundError(f"data.root={root!r}: no such folder (expected class sub-folders of images, or a flat folder of images)")
+        raise FileNotFoundError(f"data.root={root!r}: no such folder (expected class sub-folders of images, "
+                                f"or a flat folder of images)")
     ignored: list[str] = []
     files, labels, classes = _listing(folder, split, test_fraction, seed, ignored)
     if ignored:

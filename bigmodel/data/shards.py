@@ -65,12 +65,14 @@ def decode(sample: dict[str, Any], channels: int | None) -> tuple[torch.Tensor, 
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise ValueError(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}: no image "
-                         f"(looked for .{', .'.join(IMAGE_EXTS)}; found {sorted(k for k in sample if not k.startswith('__'))})")
+                         f"(looked for .{', .'.join(IMAGE_EXTS)}; "
+                         f"found {sorted(k for k in sample if not k.startswith('__'))})")
     if ext == "npy":  # uint8 (H, W) or (C, H, W)
         arr = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
         img = torch.from_numpy(arr if arr.ndim == 3 else arr[None])
         if channels is not None and img.shape[0] != channels:
-            img = img.expand(channels, -1, -1) if img.shape[0] == 1 else img.float().mean(0, keepdim=True).round().to(torch.uint8)
+            img = (img.expand(channels, -1, -1) if img.shape[0] == 1
+                   else img.float().mean(0, keepdim=True).round().to(torch.uint8))
     else:
         with Image.open(io.BytesIO(sample[ext])) as im:
             if channels is None:
@@ -259,7 +261,8 @@ def _read_index(path: Path) -> tuple[list[str], dict[str, Any]]:
         raise FileNotFoundError(f"shard index {path}: no such file")
     meta = json.loads(path.read_text())
     if meta.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path}: not a bigmodel shard index (format {meta.get('format')!r}, expected {INDEX_FORMAT!r})")
+        raise ValueError(f"{path}: not a bigmodel shard index (format {meta.get('format')!r}, "
+                         f"expected {INDEX_FORMAT!r})")
     shards = meta.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
         raise DataError(f"shard index {path}: 'shards' is not a list of {{url, count}} entries; rewrite it with "

@@ -153,7 +153,8 @@ def _room(folder: Path, tmp: Path, needed: int, rank: int = 0, exact: bool = Tru
             free = "free space unknown"
         before = [p.name for p in _complete(folder)] if folder.is_dir() else []
         kept = f"{before[-1]} is intact" if before else "no earlier checkpoint there"
-        raise DiskFull(f"disk full writing checkpoint {folder / tmp.name[len('.tmp-'):]}: it needs {'' if exact else 'about '}{needed:,} bytes, "
+        about, ckpt = "" if exact else "about ", folder / tmp.name[len(".tmp-"):]
+        raise DiskFull(f"disk full writing checkpoint {ckpt}: it needs {about}{needed:,} bytes, "
                        f"{free}; the partial folder {tmp.name} was removed and {kept}. Free some space and rerun "
                        f"the same command to resume") from None
 
@@ -237,11 +238,13 @@ def load_weights(ckpt: Path, model: torch.nn.Module, prefix: str = "", drop: tup
         weights = {k: v for k, v in weights.items() if not k.startswith(drop)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not (drop and k.startswith(drop))]
-    for what, keys in (("lacks weights the model needs", missing), ("holds weights the model does not have", unexpected)):
+    for what, keys in (("lacks weights the model needs", missing),
+                       ("holds weights the model does not have", unexpected)):
         if keys:
             raise CheckpointError(f"{ckpt} {what}: {', '.join(keys[:5])}"
                                   f"{f' and {len(keys) - 5} more' if len(keys) > 5 else ''} ({len(keys)} in all"
-                                  f"{f', prefix {prefix!r}' if prefix else ''}); is it a checkpoint of this architecture?")
+                                  f"{f', prefix {prefix!r}' if prefix else ''}); "
+                                  f"is it a checkpoint of this architecture?")
 
 
 def read_weights(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -342,12 +345,14 @@ def restore(ckpt: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, seed: 
         if distributed.sharded(net):  # FSDP2: the whole tensors of one process, sharded on load
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-            set_state_dict(net, opt, model_state_dict=read_weights(ckpt), options=StateDictOptions(full_state_dict=True),
+            set_state_dict(net, opt, model_state_dict=read_weights(ckpt),
+                           options=StateDictOptions(full_state_dict=True),
                            optim_state_dict=_by_name(state["optimizer"], net, opt))
         else:
             load_weights(ckpt, distributed.unwrapped(net))
             opt.load_state_dict(state["optimizer"])
-        rng = {"cpu": state["rng"], **({"cuda": state["cuda_rng"]} if "cuda_rng" in state else {})} if rank == 0 else None
+        cuda = {"cuda": state["cuda_rng"]} if "cuda_rng" in state else {}
+        rng = {"cpu": state["rng"], **cuda} if rank == 0 else None
     if rng is None:
         distributed.seed_rank(seed, rank, step)
     else:
@@ -361,7 +366,8 @@ def _by_name(optim_state: dict[str, Any], net: torch.nn.Module, opt: torch.optim
     names = {id(p): n for n, p in net.named_parameters()}
     order = [names[id(p)] for group in opt.param_groups for p in group["params"]]
     return {"state": {order[int(i)]: s for i, s in optim_state["state"].items()},
-            "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in optim_state["param_groups"]]}
+            "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]}
+                             for g in optim_state["param_groups"]]}
 
 
 def load_meta(ckpt: Path) -> dict[str, Any]:

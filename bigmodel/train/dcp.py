@@ -77,7 +77,8 @@ def load_training(ckpt: Path, files: dict[str, Any] | None, net: torch.nn.Module
     wanted = {"model": model_state, "optim": {"state": optim_state["state"]}}
     rd = reader(ckpt, files)
     entries = rd.read_metadata().state_dict_metadata
-    names = [f"model.{k}" for k in model_state] + [f"optim.state.{p}.{k}" for p, s in optim_state["state"].items() for k in s]
+    names = [f"model.{k}" for k in model_state]
+    names += [f"optim.state.{p}.{k}" for p, s in optim_state["state"].items() for k in s]
     missing = [k for k in names if k not in entries]
     if missing or not all(_is_tensor(entries[k]) for k in names):
         raise CheckpointError(f"{ckpt} does not fit this model and optimizer (missing or not tensors: "
@@ -102,7 +103,8 @@ def _tensors_only(state: dict[str, Any]) -> dict[str, Any]:
     pickle it, and loading would unpickle it)."""
     odd = [f"{p}.{k}" for p, s in state.items() for k, v in s.items() if not isinstance(v, torch.Tensor)]
     if odd:
-        raise TypeError(f"optimizer state holds non-tensor values ({', '.join(odd[:3])}); a sharded checkpoint saves tensors only")
+        raise TypeError(f"optimizer state holds non-tensor values ({', '.join(odd[:3])}); "
+                        f"a sharded checkpoint saves tensors only")
     return state
 
 
@@ -188,7 +190,8 @@ def check(metadata: Any, ckpt: Path, files: dict[str, Any] | None) -> None:
             raise refuse(f"entry {fqn!r} asks for load-time transforms {info.transform_descriptors!r}")
     for fqn, entry in entries.items():
         if not _is_tensor(entry):
-            raise refuse(f"entry {fqn!r} is not a tensor ({type(entry).__name__}); a bigmodel checkpoint saves tensors only")
+            raise refuse(f"entry {fqn!r} is not a tensor ({type(entry).__name__}); "
+                         f"a bigmodel checkpoint saves tensors only")
         size = tuple(entry.size)
         if not all(isinstance(n, int) and n >= 0 for n in size) or not isinstance(entry.properties.dtype, torch.dtype):
             raise refuse(f"entry {fqn!r} has an invalid size {size}")
@@ -226,7 +229,13 @@ def _reader_class() -> type:
                     metadata = _MetadataUnpickler(f).load()
                 except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
                     raise CheckpointError(f"{self.path}/{METADATA}: {e}; refusing to load it") from None
-            check(metadata, Path(self.path), self.files)
+            try:
+                check(metadata, Path(self.path), self.files)
+            except (AttributeError, TypeError, ValueError) as e:  # CheckpointError is a ValueError: kept as it is
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"{self.path}/{METADATA}: malformed ({type(e).__name__}: {e}); "
+                                      f"refusing to load it") from None
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

@@ -135,7 +135,8 @@ def test_holdout_split_is_disjoint_stratified_and_repeatable(tmp_path: Path):
 
 
 def test_recipe_schema_and_missing_root():
-    assert {"root", "image_size", "channels", "max_bad_fraction"} <= set(DATASETS.config_model("imagefolder").model_fields)
+    fields = set(DATASETS.config_model("imagefolder").model_fields)
+    assert {"root", "image_size", "channels", "max_bad_fraction"} <= fields
     with pytest.raises(FileNotFoundError, match="no such folder"):
         imagefolder("/nonexistent/folder")
 

@@ -109,7 +109,8 @@ def test_load_weights_refuses_a_checkpoint_missing_backbone_weights(tmp_path) ->
     with pytest.raises(CheckpointError) as err:
         checkpoint.load_weights(folder / "step_00000002", Net(), drop=("head.",))
     assert "lacks weights the model needs: backbone.1.weight (1 in all)" in str(err.value)
-    with pytest.raises(CheckpointError, match=r"lacks weights the model needs: 1.weight \(1 in all, prefix 'backbone.'\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"lacks weights the model needs: 1.weight \(1 in all, prefix 'backbone.'\)"):
         checkpoint.load_weights(folder / "step_00000002", Net().backbone, prefix="backbone.")
 
 
@@ -134,7 +135,8 @@ def test_load_weights_refuses_unexpected_weights_outside_drop(tmp_path) -> None:
     folder, _ = saved(tmp_path, (2,))
     trunk = Net()
     del trunk.head  # a model without the checkpoint's head
-    with pytest.raises(CheckpointError, match=r"holds weights the model does not have: head.bias, head.weight \(2 in all\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"holds weights the model does not have: head.bias, head.weight \(2 in all\)"):
         checkpoint.load_weights(folder / "step_00000002", trunk)
     checkpoint.load_weights(folder / "step_00000002", trunk, drop=("head.",))
 

@@ -63,7 +63,8 @@ def test_a_sharded_checkpoint_restores_weights_optimizer_and_rng(tmp_path: Path)
 def test_read_weights_gives_the_model_part_on_one_process(tmp_path: Path):
     model, opt = _trained()
     saved = checkpoint.save_sharded(tmp_path, 1, model, opt, {})
-    assert {k: v.shape for k, v in checkpoint.read_weights(saved).items()} == {k: v.shape for k, v in model.state_dict().items()}
+    shapes = {k: v.shape for k, v in checkpoint.read_weights(saved).items()}
+    assert shapes == {k: v.shape for k, v in model.state_dict().items()}
     first = nn.Linear(4, 8)
     checkpoint.load_weights(saved, first, prefix="0.")
     assert torch.equal(first.weight, model[0].weight)
@@ -254,3 +255,15 @@ def test_bytes_entries_never_reach_an_unpickler(two_checkpoints, tmp_path: Path,
     with contextlib.suppress(BaseException):
         checkpoint.restore(ckpt, *_model_and_opt(1))
     assert (tmp_path / "pwned-by-bytes").exists()
+
+
+def test_malformed_metadata_is_one_line_not_a_traceback(two_checkpoints):
+    ckpt, _ = two_checkpoints
+
+    def edit(md):
+        md.state_dict_metadata["model.0.weight"].size = 7  # not a shape
+    _rewrite_metadata(ckpt, edit)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.read_weights(ckpt)
+    assert str(e.value) == (f"{ckpt}/.metadata: malformed (TypeError: 'int' object is not iterable); "
+                            f"refusing to load it")
