@@ -203,3 +203,21 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_note_and_resume_ends_as_the_
                 for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert records(torn) == records(whole) and len(records(whole)) == 6
     assert_same_weights(checkpoint.latest(whole), checkpoint.latest(torn))
+
+
+def test_a_full_disk_while_logging_metrics_is_one_line_too(tmp_path, monkeypatch) -> None:
+    from bigmodel.errors import DiskFull
+    from bigmodel.train.metrics import MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"step": 1, "loss": 1.0})
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(DiskFull) as e:
+        log.write({"step": 2, "loss": 0.5})
+    assert str(e.value) == (f"no space left to write {tmp_path / 'metrics.jsonl'} (No space left on device); free "
+                            f"space on that disk and rerun the same command to resume from the last checkpoint")
+    monkeypatch.undo()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]
