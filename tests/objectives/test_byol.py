@@ -219,7 +219,8 @@ def test_zoo_recipe_stopped_and_resumed_is_bit_exact(tmp_path, mnist_npz):
     metrics = [[json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
                for d in (whole, stopped)]
     assert [m["loss"] for m in metrics[1]] == [m["loss"] for m in metrics[0]]
-    assert [m["momentum"] for m in metrics[0]] == pytest.approx([target_momentum(k, 4, 0.99) for k in range(4)])
+    tau_base = recipe(whole).objective.kwargs["tau_base"]
+    assert [m["momentum"] for m in metrics[0]] == pytest.approx([target_momentum(k, 4, tau_base) for k in range(4)])
 
 
 # ---------------------------------------------------------------------------------------------
