@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.nn.modules.module import register_module_forward_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from bigmodel import cli
 from bigmodel.objectives.base import Objective
@@ -73,11 +74,13 @@ def test_sigterm_checkpoints_exits_3_and_resumes_bit_exact(tmp_path) -> None:
 
 
 @contextlib.contextmanager
-def poisoned_objective(call: int, *, grads_only: bool = False) -> Iterator[None]:
-    """Make the ``call``-th forward of any objective return a NaN loss (with ``grads_only``: a finite
-    loss whose backward yields NaN gradients, as an overflow in the backward pass would). A global
-    forward hook: nothing of the package is patched."""
-    count = 0
+def poisoned_objective(step: int, *, grads_only: bool = False) -> Iterator[None]:
+    """Make the objective's forward of training step ``step`` (the first objective forward after
+    ``step - 1`` optimizer steps) return a NaN loss (with ``grads_only``: a finite loss whose backward
+    yields NaN gradients, as an overflow in the backward pass would). Counting optimizer steps, not
+    forwards, leaves out the memory probe's forward before step 1 (so ``step`` must be 2 or more).
+    Global forward and optimizer hooks: nothing of the package is patched."""
+    steps_done, poisoned = 0, False
 
     class NanGrad(torch.autograd.Function):
         @staticmethod
@@ -88,20 +91,23 @@ def poisoned_objective(call: int, *, grads_only: bool = False) -> Iterator[None]
         def backward(ctx, grad):
             return grad * float("nan")
 
+    def count(opt, args, kwargs):
+        nonlocal steps_done
+        steps_done += 1
+
     def hook(module, args, out):
-        nonlocal count
-        if not isinstance(module, Objective):
+        nonlocal poisoned
+        if not isinstance(module, Objective) or poisoned or steps_done != step - 1:
             return None
-        count += 1
-        if count != call:
-            return None
+        poisoned = True
         return {**out, "loss": NanGrad.apply(out["loss"]) if grads_only else out["loss"] * float("nan")}
 
-    handle = register_module_forward_hook(hook)
+    handles = [register_module_forward_hook(hook), register_optimizer_step_post_hook(count)]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def _diverge(tmp_path: Path, capsys, nan_at: int, grads_only: bool = False) -> tuple[int, str, Path, Path]:
