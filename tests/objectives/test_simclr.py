@@ -162,6 +162,7 @@ def _rank_half(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # a group of 2 processes; `make test-all`
 def test_two_processes_see_the_loss_and_gradient_of_the_global_batch(tmp_path):
     """Each of 2 processes holds 2 of the 4 images; with the projections gathered (with gradients)
     and the BatchNorm statistics all-reduced, every rank's loss is the 1-process loss of the 4

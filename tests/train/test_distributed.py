@@ -57,6 +57,7 @@ def two(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # uses `two`: a group of 2 processes; `make test-all`
 @pytest.mark.parametrize("case", ["supervised", "simclr", "mae"])
 def test_two_processes_end_with_the_weights_of_one(two: Path, tmp_path: Path, case: str):
     cases.train(case, tmp_path)
@@ -70,6 +71,7 @@ def test_two_processes_end_with_the_weights_of_one(two: Path, tmp_path: Path, ca
     assert json.loads((two / case / "result-1.json").read_text())["processes"] == 2
 
 
+@pytest.mark.slow  # uses `two`: a group of 2 processes; `make test-all`
 def test_a_sharded_checkpoint_serves_transfer_and_analysis_on_one_process(two: Path):
     """load_weights (used by transfer, analysis and reports) reads the model part of a DCP
     checkpoint, e.g. the backbone alone, like a safetensors one."""
@@ -83,6 +85,7 @@ def test_a_sharded_checkpoint_serves_transfer_and_analysis_on_one_process(two: P
         checkpoint.load_weights(found, build.backbone(resolve("simclr-resnet").architecture), prefix="backbone.")
 
 
+@pytest.mark.slow  # uses `two`: a group of 2 processes; `make test-all`
 def test_fsdp_trains_and_its_checkpoint_resumes_on_one_process(two: Path, tmp_path: Path):
     whole = tmp_path / "whole"
     cases.train("fsdp", whole)
@@ -97,6 +100,7 @@ def test_fsdp_trains_and_its_checkpoint_resumes_on_one_process(two: Path, tmp_pa
     assert steps_logged(resumed) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow  # uses `two`: a group of 2 processes; `make test-all`
 @pytest.mark.parametrize("case", ["ddp_resumed", "fsdp_resumed"])
 def test_a_one_process_checkpoint_resumes_on_two(two: Path, case: str):
     """A safetensors checkpoint of one process continues on two, DDP or FSDP2 (its whole tensors
@@ -106,6 +110,7 @@ def test_a_one_process_checkpoint_resumes_on_two(two: Path, case: str):
     assert steps_logged(two / case) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow  # uses `two`: a group of 2 processes; `make test-all`
 def test_a_non_finite_loss_on_one_rank_stops_both_and_keeps_the_previous_checkpoint(two: Path, tmp_path: Path):
     run = two / "nonfinite"
     for rank in range(2):  # rank 1's loss was NaN at step 3; both stopped there, with the same message
