@@ -253,6 +253,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         _train(Path(out))
 
 
+@pytest.mark.slow  # a group of 2 processes; `make test-all`
 def test_two_processes_end_with_the_weights_of_one(tmp_path):
     """DDP on 2 processes (4 rows each, global BatchNorm in the projector and predictor of both
     networks) ends with the online and target weights of one process on the 8 rows: the EMA runs
