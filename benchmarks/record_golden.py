@@ -38,7 +38,7 @@ ABOUT = ("Per-step pretraining losses (and MoE aux losses) of each zoo recipe's 
 def record(name: str, folder: Path) -> dict[str, dict[str, float]]:
     """Pretrain ``name``'s golden run in ``folder``; its ``{"loss": {step: loss}, ...}``."""
     out = folder / name
-    api.run(resolve(name, golden_overrides(out)), Console(quiet=True), transfer=False)
+    api.run_pipeline(resolve(name, golden_overrides(out)), Console(quiet=True), transfer=False)
     return recorded(out)
 
 

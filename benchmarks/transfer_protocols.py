@@ -60,7 +60,7 @@ def main() -> None:
     pretrain_s = None
     if args.pretrain is not None and checkpoint.latest(run_dir) is None:
         t0 = time.perf_counter()
-        api.run(resolve("quickstart", [f"run.out={run_dir}", *args.pretrain]), transfer=False)
+        api.run_pipeline(resolve("quickstart", [f"run.out={run_dir}", *args.pretrain]), transfer=False)
         pretrain_s = time.perf_counter() - t0
     data = Path(args.data) if args.data else suites.shared_data()
     finetune = {}

@@ -1,6 +1,6 @@
 """bigmodel: architecture × dataset × objective, pretrained once, transferred and analysed.
 
-Scripting (the functions the CLI commands are built on, see :mod:`bigmodel.api`)::
+Scripting (the API the CLI commands are built on, one name per command: :mod:`bigmodel.api`)::
 
     import bigmodel
 
@@ -25,13 +25,13 @@ __all__ = ["Pretrained", "Recipe", "RecipeError", "Result", "load", "resolve_rec
 
 # public name -> (module, attribute), imported on first access (PEP 562)
 _LAZY = {
-    "run": ("bigmodel.api", "run_recipe"),
+    "run": ("bigmodel.api", "run"),
     "load": ("bigmodel.loader", "load"),
     "resolve_recipe": ("bigmodel.api", "resolve_recipe"),
     "Result": ("bigmodel.api", "Result"),
     "Pretrained": ("bigmodel.loader", "Pretrained"),
     "Recipe": ("bigmodel.recipe", "Recipe"),
-    "RecipeError": ("bigmodel.recipe", "RecipeError"),
+    "RecipeError": ("bigmodel.errors", "RecipeError"),
 }
 
 

@@ -2,13 +2,14 @@
 components, export, predict, data shard, data get (a thin layer over :mod:`bigmodel.api`,
 :mod:`bigmodel.export` and :mod:`bigmodel.predict`).
 
-Recipe problems print one ``recipe error:`` line and exit with status 2 before anything is written.
+Bad input prints one ``<kind> error:`` line and exits with status 2 before anything is written.
 
 Exit status, the same for every command:
 
 ====  ==============================================================================================
 0     done
-2     bad input: a recipe, data, path, run-directory or checkpoint problem, told in one line on stderr
+2     bad input, one line on stderr naming its kind (:mod:`bigmodel.errors`): ``recipe error:``,
+      ``data error:``, ``checkpoint error:``, ``image error:`` or ``export error:``
 3     stopped by SIGTERM/SIGINT: the checkpoint (pretraining) or the rows done (transfer) are saved;
       rerun the same command to continue
 4     training diverged (non-finite loss or gradient); the last good checkpoint is kept
@@ -59,7 +60,7 @@ def _split_recipe_arg(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    result = api.run_recipe(_recipe(args), transfer=args.command == "run", console=console)
+    result = api.run(_recipe(args), transfer=args.command == "run", console=console)
     if result.stopped == "pretrain":
         return EXIT_STOPPED
     if result.stopped == "transfer":
@@ -85,10 +86,11 @@ def cmd_transfer(args: argparse.Namespace, console: Console) -> int:
     specs = None
     if args.task or args.protocol:
         if not (args.task and args.protocol) or args.suite:
-            raise RecipeError("give --task and --protocol together, or --suite NAME, or neither (the recipe's own suite)")
+            raise RecipeError("give --task and --protocol together, or --suite NAME, or neither "
+                              "(the recipe's own suite)")
         specs = [{"task": task_entry(args.task), "protocol": args.protocol}]
     with _as_recipe_errors():
-        rows = api.transfer(args.checkpoint, specs, console, suite=args.suite, sets=args.set)
+        rows = api.score_checkpoint(args.checkpoint, specs, console, suite=args.suite, sets=args.set)
     if args.json:
         print(json.dumps(rows, indent=1, default=str))
     return 0
@@ -215,7 +217,8 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bigmodel", description="Pretrain vision models (architecture × dataset × objective) and measure how they transfer.")
+    p = argparse.ArgumentParser(prog="bigmodel", description="Pretrain vision models (architecture × dataset × "
+                                "objective) and measure how they transfer.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "pretrain, transfer and report (the main job)"), ("pretrain", "pretrain only")):
         s = sub.add_parser(name, help=help_)
@@ -227,12 +230,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="run directory or checkpoint folder")
     s.add_argument("--suite", help="built-in suite name (digits, mnist, cifar10) or suite YAML file")
     s.add_argument("--task", help="dataset name or path to an .npz file")
-    s.add_argument("--protocol", help="linear, knn, fewshot or finetune")
+    s.add_argument("--protocol", help="a transfer protocol: " + ", ".join(PROTOCOLS.names()))
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="protocol key (steps=50), task key (task.limit=500) or one entry's (3.steps=50); repeatable")
     s.add_argument("--json", action="store_true", help="also print the rows as JSON")
     s.set_defaults(fn=cmd_transfer)
-    s = sub.add_parser("ensemble", help="fine-tune several checkpoints on a task and score their mean-probability ensemble")
+    s = sub.add_parser("ensemble",
+                       help="fine-tune several checkpoints on a task and score their mean-probability ensemble")
     s.add_argument("checkpoints", nargs="+", help="run directories or checkpoint folders (one member each)")
     s.add_argument("--task", required=True, help="dataset name or path to an .npz file")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -266,7 +270,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_data_get)
     s = sub.add_parser("compare", help="one table and plots across run directories (accuracy, compute, power-law fits)")
     s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run directories (with report.json)")
-    s.add_argument("--out", default="runs/compare", help="folder for compare.json and compare.html (default runs/compare)")
+    s.add_argument("--out", default="runs/compare",
+                   help="folder for compare.json and compare.html (default runs/compare)")
     s.add_argument("--json", action="store_true", help="also print the comparison as JSON")
     s.set_defaults(fn=cmd_compare)
     s = sub.add_parser("sweep", help="run a grid of overrides (key=a,b,c) one after another, then compare them",
@@ -275,9 +280,11 @@ def parser() -> argparse.ArgumentParser:
                               "rerun the same command to resume: finished runs are skipped")
     s.add_argument("recipe", nargs="?", help="zoo name or YAML file (default: quickstart)")
     s.add_argument("overrides", nargs="*", help="section.key=a,b,c (an axis) or section.key=value (every run)")
-    s.add_argument("--out", help="sweep folder: one run directory per grid point, compare.html (default runs/sweep-RECIPE)")
+    s.add_argument("--out",
+                   help="sweep folder: one run directory per grid point, compare.html (default runs/sweep-RECIPE)")
     s.set_defaults(fn=cmd_sweep)
-    s = sub.add_parser("analyze", help="linear probe per block (pretrained vs random init) and linear CKA between layers")
+    s = sub.add_parser("analyze",
+                       help="linear probe per block (pretrained vs random init) and linear CKA between layers")
     s.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint folder")
     s.add_argument("--task", required=True, help="dataset name or path to an .npz file")
     s.add_argument("--limit", type=int, help="use the first N images of each split")
@@ -305,7 +312,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=5, help="classes per image, most probable first (default 5)")
     s.add_argument("--json", action="store_true", help="print the predictions as JSON instead of one line per image")
     s.set_defaults(fn=cmd_predict)
-    s = sub.add_parser("report", help="rebuild a run's report.json/html and figures from its files (no data, no training)")
+    s = sub.add_parser("report",
+                       help="rebuild a run's report.json/html and figures from its files (no data, no training)")
     s.add_argument("run_dir", help="run directory")
     s.add_argument("--no-figures", action="store_true", help="keep the figures under RUN_DIR/figures as they are")
     s.set_defaults(fn=cmd_report)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from bigmodel import api
+from bigmodel import cli as cli_module
 from bigmodel.cli import main
 from bigmodel.data.digits import digits
+from bigmodel.errors import InputError
 from bigmodel.transfer.base import features, pixels
 from tests.helpers import cli
 from tests.transfer.test_reference import REFERENCES
@@ -109,3 +112,14 @@ def test_zoo_and_components_list(capsys) -> None:
     for name in ("vit", "resnet", "lstm", "igpt", "fractals", "digits", "npz", "supervised", "simclr", "mae",
                  "autoregressive", "linear", "knn", "finetune", "fewshot", "architecture × objective"):
         assert name in stdout, name
+
+
+def test_exit_status_tables_name_every_kind_of_bad_input() -> None:
+    """The README's exit-status table and the CLI's docstring name each kind of bad input the CLI
+    prints (``<kind> error:``, one per :class:`~bigmodel.errors.InputError` subclass)."""
+    kinds = sorted(k.kind for k in InputError.__subclasses__())
+    assert kinds == ["checkpoint", "data", "export", "image", "recipe"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| 2 |"))
+    assert [k for k in kinds if f"`{k} error:`" in row] == kinds
+    assert [k for k in kinds if f"``{k} error:``" in cli_module.__doc__] == kinds

@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from bigmodel import api, cli
-from bigmodel.sweep import grid, run_name, split_values
+from bigmodel.commands.sweep import grid, run_name, split_values
 
 TRANSFER = "transfer=[{task: digits, protocol: linear}]"
 NAMES = ["optim.steps=4", "optim.steps=5", "optim.steps=6"]

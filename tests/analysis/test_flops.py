@@ -163,9 +163,9 @@ def test_report_rows_of_a_batchnorm_backbone_equal_transfer_of_its_checkpoint(tm
     recipe = resolve("quickstart", ["run.tiny=true", f"run.out={out}", f"architecture={BN_RESNET}",
                                     "data.image_size=16", "optim.steps=2", "run.precision=fp32",
                                     "transfer=[{task: digits, protocol: knn, k: 5}]"])
-    report = api.run(recipe, Console(quiet=True))
+    report = api.run_pipeline(recipe, Console(quiet=True))
     assert report["model"]["train_gflops_per_step"] > 0
-    again = api.transfer(out, console=Console(quiet=True))
+    again = api.score_checkpoint(out, console=Console(quiet=True))
     scored = [{k: v for k, v in row["results"]["pretrained"].items() if k != "seconds"} for row in again]
     reported = [{k: v for k, v in row["results"]["pretrained"].items() if k != "seconds"} for row in report["transfer"]]
     assert scored == reported

@@ -151,8 +151,8 @@ def test_the_title_lies_inside_the_figure(blocks: int, title: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("analyze") / "qs"
-    api.run(resolve("quickstart", ["run.tiny=true", "run.precision=fp32", f"run.out={out}", "run.figures=false"]),
-            transfer=False)  # fp32: compared with fp32 references
+    overrides = ["run.tiny=true", "run.precision=fp32", f"run.out={out}", "run.figures=false"]
+    api.run_pipeline(resolve("quickstart", overrides), transfer=False)  # fp32: compared with fp32 references
     return out
 
 

@@ -42,7 +42,7 @@ def tiny_run(tmp_path: Path) -> tuple[Path, Path, dict]:
         "run": {"out": str(tmp_path / "run"), "seed": 0, "precision": "fp32", "checkpoint_every": 2, "log_every": 1},
         "transfer": [{"task": {"name": "npz", "path": str(data)}, "protocol": "linear"}],
     })
-    result = api.run(recipe)
+    result = api.run_pipeline(recipe)
     return tmp_path / "run", data, result
 
 

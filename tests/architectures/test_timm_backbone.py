@@ -258,7 +258,7 @@ def run(key: str, tmp_path: Path, transfer: list | None = None) -> dict:
     arch, objective = key.split("-")
     objective = MAE_TINY if objective == "mae" else objective
     out = tmp_path / key
-    result = api.run(validate(recipe(CONFIGS[arch], objective, out, transfer=transfer)),
+    result = api.run_pipeline(validate(recipe(CONFIGS[arch], objective, out, transfer=transfer)),
                      console=Console(quiet=True), transfer=bool(transfer))
     losses = list(logged_losses(out).values())
     assert losses == pytest.approx(GOLDEN[key], rel=RTOL), f"{key}: logged {losses}"

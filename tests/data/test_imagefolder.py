@@ -156,7 +156,7 @@ def test_run_lists_skipped_files_in_its_report(messy: Path, tmp_path: Path):
         "objective": {"name": "supervised"},
         "optim": {"batch_size": 4, "steps": 1, "warmup_steps": 0},
         "run": {"out": str(tmp_path / "run")}})
-    result = api.run(recipe, Console(quiet=True), transfer=False)
+    result = api.run_pipeline(recipe, Console(quiet=True), transfer=False)
     listed = json.loads((tmp_path / "run" / "report.json").read_text())["data"]["skipped"]
     assert {Path(s["path"]).name for s in listed} == {"zz_truncated.png", "fake.jpg"}
     assert result["data"]["skipped"] == listed

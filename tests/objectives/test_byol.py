@@ -204,11 +204,11 @@ def test_zoo_recipe_stopped_and_resumed_is_bit_exact(tmp_path, mnist_npz):
 
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     quiet = Console(quiet=True)
-    assert api.run(recipe(whole), quiet, transfer=False)["pretrain"]["steps_done"] == 4
+    assert api.run_pipeline(recipe(whole), quiet, transfer=False)["pretrain"]["steps_done"] == 4
     with sigterm_after(1):
-        assert api.run(recipe(stopped), quiet, transfer=False)["pretrain"]["steps_done"] == 1
+        assert api.run_pipeline(recipe(stopped), quiet, transfer=False)["pretrain"]["steps_done"] == 1
     assert load_file(str(checkpoint.latest(stopped) / "model.safetensors"))["ema_steps"].item() == 1
-    assert api.run(recipe(stopped), quiet, transfer=False)["pretrain"]["steps_done"] == 4
+    assert api.run_pipeline(recipe(stopped), quiet, transfer=False)["pretrain"]["steps_done"] == 4
     a = load_file(str(checkpoint.latest(whole) / "model.safetensors"))
     b = load_file(str(checkpoint.latest(stopped) / "model.safetensors"))
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []

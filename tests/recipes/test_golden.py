@@ -69,7 +69,7 @@ def test_every_zoo_recipe_has_golden_losses_for_every_step() -> None:
 
 
 def test_quickstart_reproduces_its_golden_losses(tmp_path) -> None:
-    api.run(resolve("quickstart", golden_overrides(tmp_path / "qs")), transfer=False)
+    api.run_pipeline(resolve("quickstart", golden_overrides(tmp_path / "qs")), transfer=False)
     assert_golden("quickstart", tmp_path / "qs")
 
 
@@ -81,8 +81,8 @@ def test_bf16_autocast_trains(tmp_path) -> None:
     runs = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
-        summary = api.run(resolve("quickstart", [*golden_overrides(out), *common, f"run.precision={precision}"]),
-                          transfer=False)["pretrain"]
+        recipe = resolve("quickstart", [*golden_overrides(out), *common, f"run.precision={precision}"])
+        summary = api.run_pipeline(recipe, transfer=False)["pretrain"]
         assert summary["precision"] == {"fp32": "float32", "bf16": "bfloat16"}[precision]
         losses = list(logged_losses(out).values())
         assert len(losses) == 20

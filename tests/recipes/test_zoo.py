@@ -36,7 +36,7 @@ def test_recipe_reproduces_its_golden_losses(name, tmp_path, real_mnist_npz):
     losses are the recorded ones (test_golden.py)."""
     out = tmp_path / name
     recipe = resolve(name, [*golden_overrides(out), f"data.path={real_mnist_npz}", "run.figures=false"])
-    assert api.run(recipe, transfer=False)["pretrain"]["steps_done"] == recipe.optim.steps
+    assert api.run_pipeline(recipe, transfer=False)["pretrain"]["steps_done"] == recipe.optim.steps
     assert_golden(name, out)
 
 
@@ -48,7 +48,7 @@ def test_recipe_runs_in_tiny_mode(name, tmp_path, synthetic_data):
     out = tmp_path / name
     recipe = resolve(name, [*golden_overrides(out), "run.figures=false"])
     assert recipe.data.name != "npz" or expand_path(recipe.data.kwargs["path"]) == synthetic_data / "mnist.npz"
-    result = api.run(recipe)
+    result = api.run_pipeline(recipe)
     assert result["pretrain"]["steps_done"] == recipe.optim.steps
     assert list(logged_losses(out)) == [str(s) for s in range(1, recipe.optim.steps + 1)]
     assert [r["protocol"] for r in result["transfer"]] == ["linear", "knn"]

@@ -79,5 +79,5 @@ def test_run_refuses_before_writing_when_the_activations_do_not_fit(tmp_path, mo
     monkeypatch.setattr(build, "available_memory", lambda dev: state + 1)
     with pytest.raises(RecipeError, match=r"^optim.batch_size = 32 needs at least .* of activations \(32 images per "
                                           r"forward pass × "):
-        api.run(recipe, Console(quiet=True))
+        api.run_pipeline(recipe, Console(quiet=True))
     assert not (tmp_path / "r").exists()

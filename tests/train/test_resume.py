@@ -131,12 +131,12 @@ def test_zoo_recipe_stopped_and_resumed_is_bit_exact(name, tmp_path, mnist_npz) 
 
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     quiet = Console(quiet=True)
-    assert api.run(recipe(whole), quiet, transfer=False)["pretrain"]["steps_done"] == 4
+    assert api.run_pipeline(recipe(whole), quiet, transfer=False)["pretrain"]["steps_done"] == 4
     with sigterm_after(1):
-        first = api.run(recipe(stopped), quiet, transfer=False)["pretrain"]
+        first = api.run_pipeline(recipe(stopped), quiet, transfer=False)["pretrain"]
     assert (first["stopped"], first["steps_done"]) == (True, 1)
     assert checkpoint.latest(stopped).name == "step_00000001"
-    assert api.run(recipe(stopped), quiet, transfer=False)["pretrain"]["steps_done"] == 4
+    assert api.run_pipeline(recipe(stopped), quiet, transfer=False)["pretrain"]["steps_done"] == 4
 
     a = load_file(str(checkpoint.latest(whole) / "model.safetensors"))
     b = load_file(str(checkpoint.latest(stopped) / "model.safetensors"))

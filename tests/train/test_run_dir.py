@@ -16,8 +16,8 @@ import time
 import pytest
 import yaml
 
-from bigmodel import api
 from bigmodel.cli import EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, main
+from bigmodel.commands import run as run_command
 from bigmodel.recipe import RecipeError, load_raw
 from bigmodel.train.run_dir import LOCK, RunLock
 from tests.helpers import REPO, cli, env
@@ -66,13 +66,13 @@ def test_a_failed_run_without_checkpoint_is_taken_over_by_the_corrected_command(
 
 def test_the_lock_is_held_while_training_and_released_after(tmp_path, monkeypatch) -> None:
     seen = []
-    real = api.pretrain
+    real = run_command.pretrain
 
     def spy(recipe, run_dir, *args):
         seen.append(json.loads((run_dir / LOCK).read_text()))
         return real(recipe, run_dir, *args)
 
-    monkeypatch.setattr(api, "pretrain", spy)
+    monkeypatch.setattr(run_command, "pretrain", spy)
     assert main(["pretrain", *TINY, f"run.out={tmp_path}/r"]) == EXIT_OK
     assert [(s["pid"], s["host"]) for s in seen] == [(os.getpid(), socket.gethostname())]
     assert not (tmp_path / "r" / LOCK).exists()

@@ -158,7 +158,7 @@ def test_pretraining_goes_through_fit(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "fit", spy)
     recipe = resolve("quickstart", ["run.tiny=true", f"run.out={tmp_path / 'r'}"])
-    api.run(recipe, Console(quiet=True), transfer=False)
+    api.run_pipeline(recipe, Console(quiet=True), transfer=False)
     assert seen == [(recipe.optim.steps, "pretrain", tmp_path / "r", recipe.optim.steps)]
 
 

@@ -22,7 +22,7 @@ def tiny_run(tmp_path_factory):
     recipe = resolve("quickstart", ["run.tiny=true", f"run.out={out}", "architecture.image_size=16",
                                     "data.image_size=16", "transfer=[{task: digits, protocol: knn, k: 5}]",
                                     "run.figures=false"])
-    api.run(recipe)
+    api.run_pipeline(recipe)
     return out
 
 

@@ -240,19 +240,19 @@ def test_finetunes_of_two_tasks_of_one_size_never_resume_each_other(tiny_run, tm
 
     a, b = _task(tmp_path / "a.npz", 1), _task(tmp_path / "b.npz", 2)
     settings = {"steps": 3, "batch_size": 16, "lr": 0.1, "checkpoint_dir": str(tmp_path / "ft")}
-    api.transfer_task(tiny_run, a, "finetune", quiet=True, **settings)
+    api.transfer(tiny_run, a, "finetune", quiet=True, **settings)
     capsys.readouterr()
-    row_b = api.transfer_task(tiny_run, b, "finetune", quiet=True, **settings)
+    row_b = api.transfer(tiny_run, b, "finetune", quiet=True, **settings)
     printed = capsys.readouterr().out
-    alone = api.transfer_task(tiny_run, b, "finetune", quiet=True,
-                              **{**settings, "checkpoint_dir": str(tmp_path / "b")})
+    alone = api.transfer(tiny_run, b, "finetune", quiet=True,
+                         **{**settings, "checkpoint_dir": str(tmp_path / "b")})
     assert "resuming" not in printed and "step 3/3" in printed
     assert len(list((tmp_path / "ft").iterdir())) == 2
     own, ref = ({k: v for k, v in r["results"]["pretrained"].items() if k != "seconds"} for r in (row_b, alone))
     assert own == ref
     # and task a again resumes its own finished fine-tune: nothing is trained again
     capsys.readouterr()
-    api.transfer_task(tiny_run, a, "finetune", quiet=True, **settings)
+    api.transfer(tiny_run, a, "finetune", quiet=True, **settings)
     printed = capsys.readouterr().out
     assert "resuming from" in printed and "(step 3)" in printed and "step 1/3" not in printed
 

@@ -55,7 +55,7 @@ def test_suite_over_digits_and_mnist_end_to_end(tiny_run, mnist_npz, tmp_path):
         {"task": mnist, "protocol": "fewshot", "shots": [1], "seeds": 2},
         {"task": mnist, "protocol": "finetune", "steps": 4, "batch_size": 16, "flip": False},
     ]}))
-    rows = api.transfer(tiny_run, suite=str(suite), sets=["task.limit=200"])
+    rows = api.score_checkpoint(tiny_run, suite=str(suite), sets=["task.limit=200"])
     report = json.loads(_one(tiny_run, "tiny-*.json").read_text())
     assert [r["protocol"] for r in report["transfer"]] == ["knn", "fewshot", "linear", "fewshot", "finetune"]
     assert [r["results"]["pretrained"]["top1"] for r in report["transfer"]] == \

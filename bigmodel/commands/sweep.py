@@ -4,12 +4,12 @@ An override whose value has top-level commas (``optim.lr=1e-3,3e-3``) is an axis
 commas inside brackets or braces belong to one YAML value (``optim.betas=[0.9,0.95]`` is fixed,
 ``optim.betas=[0.9,0.95],[0.9,0.99]`` an axis of two). Every other override applies to every run.
 
-Each point of the grid is an ordinary, independent run (the same :func:`bigmodel.api.run` as
-``bigmodel run``) in ``DIR/<its axis overrides>``, e.g. ``DIR/optim.lr=0.001,data.classes=8``,
-run one after another. All recipes are validated before the first run starts. Rerunning the sweep
-skips runs whose ``report.json`` is there and resumes a killed one from its checkpoint. At the end
-``DIR/compare.json`` and ``DIR/compare.html`` compare the finished runs, and ``DIR/sweep.json``
-lists the grid with each run's state.
+Each point of the grid is an ordinary, independent run (the same
+:func:`~bigmodel.commands.run.run_pipeline` as ``bigmodel run``) in ``DIR/<its axis overrides>``,
+e.g. ``DIR/optim.lr=0.001,data.classes=8``, run one after another. All recipes are validated
+before the first run starts. Rerunning the sweep skips runs whose ``report.json`` is there and
+resumes a killed one from its checkpoint. At the end ``DIR/compare.json`` and ``DIR/compare.html``
+compare the finished runs, and ``DIR/sweep.json`` lists the grid with each run's state.
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from bigmodel.analysis import compare
+from bigmodel.commands.run import run_pipeline
+from bigmodel.errors import NonFiniteLoss
 from bigmodel.recipe import Recipe, RecipeError, resolve
+from bigmodel.train.run_dir import strip
 
 
 def split_values(value: str) -> list[str]:
@@ -94,8 +98,6 @@ def plan(source: str | None, overrides: list[str], out: str | Path) -> list[tupl
 def finished(recipe: Recipe) -> bool:
     """Whether ``recipe``'s run directory already holds its report; a report of another recipe
     there is an error (the sweep's settings changed since that run)."""
-    from bigmodel.train.run_dir import strip
-
     run_dir = Path(recipe.run.out)
     if not (run_dir / "report.json").is_file():
         return False
@@ -118,10 +120,6 @@ def sweep(source: str | None, overrides: list[str], out: str | Path | None = Non
     stops there; rerun it to continue) or ``diverged`` (non-finite loss: the sweep goes on); and
     ``compare`` the :func:`bigmodel.analysis.compare.compare` result (``None`` if no run finished).
     """
-    from bigmodel import api
-    from bigmodel.analysis import compare
-    from bigmodel.train.trainer import NonFiniteLoss
-
     console = console or Console()
     out = Path(out) if out else Path("runs") / f"sweep-{Path(source).stem if source else 'quickstart'}"
     planned = plan(source, overrides, out)
@@ -136,7 +134,7 @@ def sweep(source: str | None, overrides: list[str], out: str | Path | None = Non
             continue
         console.print(f"[bold]sweep {i}/{len(planned)}[/] {name}", highlight=False)
         try:
-            result = api.run(recipe, console, transfer=transfer)
+            result = run_pipeline(recipe, console, transfer=transfer)
         except NonFiniteLoss as e:
             entry["state"] = "diverged"
             console.print(f"[red]sweep run {name} diverged[/]: {e}", highlight=False)
