@@ -188,16 +188,17 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
             views = distributed.rank_views(model, images, gen, loop.rank, loop.world, loop.accum_steps)
             views = [v.to(dev, non_blocking=True) for v in views]
             out = train_step(net, opt, views, labels.to(dev), loop.accum_steps, loop.grad_clip, loop.dtype)
-            model.after_step(step)
+            distributed.unwrapped(net).after_step(step)  # the module the step trained (FSDP: a sharded copy)
             images_seen += len(images) * loop.world
             done = step + 1
             watch.update(out, done)
             scalars, stopping = distributed.agree(out, stop.requested, loop.world)  # several processes: one sync
             boundary = ckpt_dir is not None and (done % loop.checkpoint_every == 0 or stopping)
             logging = done % loop.log_every == 0 or boundary or done == loop.steps
-            if logging or scalars is not None:
+            if logging or scalars is not None:  # several processes agree on every step's scalars
+                first = (scalars, done) if scalars is not None else None
                 scalars = scalars or {k: float(v) for k, v in out.items()}  # one process: the only host sync
-                check_finite(*watch.first(done, scalars), ckpt_dir, loop)
+                check_finite(*(first or watch.first(done, scalars)), ckpt_dir, loop)
             if logging:
                 now = time.perf_counter()
                 scalars["images_per_s"] = images_seen / max(now - t_last, 1e-9)

@@ -236,26 +236,27 @@ DIST = {"architecture": {"name": "vit", "size": "nano", "image_size": 16, "patch
         "run": {"precision": "fp32", "checkpoint_every": 2, "log_every": 1, "seed": 3}}
 
 
-def _train(out: Path) -> None:
-    r = validate({**DIST, "run": {**DIST["run"], "out": str(out)}})
+def _train(out: Path, strategy: str = "ddp") -> None:
+    r = validate({**DIST, "run": {**DIST["run"], "out": str(out), "strategy": strategy}})
     data, model = build.experiment(r)
     with open_run(r, Console(quiet=True)) as run_dir:
         pretrain(r, run_dir, data, model, Console(quiet=True))
 
 
-def _rank(rank: int, world: int, port: int, out: str) -> None:
+def _rank(rank: int, world: int, port: int, out: str, strategy: str) -> None:
     from bigmodel.train import distributed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     with distributed.session():
-        _train(Path(out))
+        _train(Path(out), strategy)
 
 
 @pytest.mark.slow  # a group of 2 processes; `make test-all`
-def test_two_processes_end_with_the_weights_of_one(tmp_path):
-    """DDP on 2 processes (4 rows each, global BatchNorm in the projector and predictor of both
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_end_with_the_weights_of_one(tmp_path, strategy):
+    """DDP or FSDP2 on 2 processes (4 rows each, global BatchNorm in the projector and predictor of both
     networks) ends with the online and target weights of one process on the 8 rows: the EMA runs
     on every rank on the same synchronised online weights."""
     import torch.multiprocessing as mp
@@ -263,7 +264,7 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path):
     from tests.train.dist_cases import free_port
 
     _train(tmp_path / "one")
-    mp.spawn(_rank, args=(2, free_port(), str(tmp_path / "two")), nprocs=2)
+    mp.spawn(_rank, args=(2, free_port(), str(tmp_path / "two"), strategy), nprocs=2)
     one, two = (checkpoint.read_weights(checkpoint.latest(tmp_path / d)) for d in ("one", "two"))
     assert checkpoint.load_meta(checkpoint.latest(tmp_path / "two"))["world"] == 2
     assert one.keys() == two.keys() and any(k.startswith("target.") for k in one)

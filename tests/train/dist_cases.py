@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from torch.nn.modules.module import register_module_forward_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from bigmodel.commands.pretrain import pretrain
 from bigmodel.objectives.base import Objective
@@ -41,7 +42,8 @@ CASES: dict[str, dict[str, Any]] = {
     "simclr": {"objective": {"name": "simclr", "proj_hidden": 32, "proj_dim": 16, "crop_scale": [0.5, 1.0],
                              "blur_prob": 0.5}, "optim": {"accum_steps": 2}},
     "mae": {"objective": {"name": "mae", "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}},
-    "fsdp": {"objective": {"name": "supervised", "crop_pad": 2}, "optim": {"steps": 6}, "run": {"strategy": "fsdp", "checkpoint_every": 3}},
+    "fsdp": {"objective": {"name": "supervised", "crop_pad": 2}, "optim": {"steps": 6},
+             "run": {"strategy": "fsdp", "checkpoint_every": 3}},
     "nonfinite": {"objective": {"name": "supervised"}, "optim": {"steps": 6}},
     # started on one process (safetensors checkpoints), continued on two
     "ddp_resumed": {"objective": {"name": "supervised", "crop_pad": 2}, "optim": {"steps": 6, "accum_steps": 2},
@@ -57,7 +59,8 @@ CASES: dict[str, dict[str, Any]] = {
 def recipe(case: str, out: Path, **run: Any) -> Recipe:
     spec = CASES[case]
     return validate({"architecture": VIT, "data": DATA, "objective": spec["objective"],
-                     "optim": {**OPTIM, **spec.get("optim", {})}, "run": {**RUN, **spec.get("run", {}), **run, "out": str(out)}})
+                     "optim": {**OPTIM, **spec.get("optim", {})},
+                     "run": {**RUN, **spec.get("run", {}), **run, "out": str(out)}})
 
 
 def train(case: str, out: Path, **run: Any) -> dict[str, Any]:
@@ -95,31 +98,36 @@ def launch(world: int, out: Path, *cases: str, timeout: float = 240) -> list[sub
     return done
 
 
-def _poison_rank_1(step: int) -> Any:
-    """On rank 1 only, the ``step``-th forward of any objective returns a NaN loss."""
-    calls = [0]
+def _poison_rank_1(step: int) -> list[Any]:
+    """On rank 1 only, the objective's forward of training step ``step`` (the first after ``step - 1``
+    optimizer steps) returns a NaN loss. Counting optimizer steps, not forwards, leaves out the memory
+    check's probe forward before step 1. Returns the hook handles."""
+    steps_done, poisoned = [0], [False]
+
+    def count(opt: Any, args: Any, kwargs: Any) -> None:
+        steps_done[0] += 1
 
     def hook(module: Any, args: Any, out: Any) -> Any:
-        if isinstance(module, Objective) and distributed.rank() == 1:
-            calls[0] += 1
-            if calls[0] == step:
-                return {**out, "loss": out["loss"] * float("nan")}
+        if isinstance(module, Objective) and distributed.rank() == 1 and not poisoned[0] \
+                and steps_done[0] == step - 1:
+            poisoned[0] = True
+            return {**out, "loss": out["loss"] * float("nan")}
         return out
 
-    return register_module_forward_hook(hook)
+    return [register_module_forward_hook(hook), register_optimizer_step_post_hook(count)]
 
 
 def main(out: Path, cases: list[str]) -> None:
     torch.set_num_threads(1)
     with distributed.session():
         for case in cases:
-            hook = _poison_rank_1(3) if case == "nonfinite" else None
+            hooks = _poison_rank_1(3) if case == "nonfinite" else []
             try:
                 result: Any = train(case, out / case)
             except NonFiniteLoss as e:
                 result = {"error": str(e)}
             finally:
-                if hook is not None:
+                for hook in hooks:
                     hook.remove()
             (out / case).mkdir(parents=True, exist_ok=True)
             (out / case / f"result-{distributed.rank()}.json").write_text(json.dumps(result))
