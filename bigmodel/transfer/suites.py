@@ -92,9 +92,7 @@ def task_name(name: Any, kwargs: dict[str, Any] | None = None) -> str:
 
 def task_splits(task: Any) -> tuple[Any, Any]:
     """The materialised ``(train, test)`` splits of a validated task component."""
-    from bigmodel.data.base import materialize
-
-    return tuple(materialize(DATASETS.build(task.name, split=s, **task.kwargs)) for s in ("train", "test"))
+    return tuple(data_base.materialize(DATASETS.build(task.name, split=s, **task.kwargs)) for s in ("train", "test"))
 
 
 def apply_sets(entries: list[dict[str, Any]], sets: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:
@@ -140,14 +138,12 @@ def check(specs: list[TransferSpec]) -> None:
     """Refuse, before anything runs, a spec whose protocol cannot serve its task (kNN's ``k`` above
     the training images, few-shot ``shots`` above a class's images, a task with one class): raises
     :class:`RecipeError` naming the entry, the setting, its value and the limit."""
-    from bigmodel.data.base import materialize
-
     labels: dict[str, Any] = {}
     for i, spec in enumerate(specs):
         key = repr((spec.task.name, sorted(spec.task.kwargs.items())))
         if key not in labels:
             data = DATASETS.build(spec.task.name, split="train", **spec.task.kwargs)
-            labels[key] = data.targets if hasattr(data, "targets") else materialize(data).targets
+            labels[key] = data.targets if hasattr(data, "targets") else data_base.materialize(data).targets
         try:
             PROTOCOLS.build(spec.protocol.name, **spec.protocol.kwargs).check(labels[key])
         except ValueError as e:
