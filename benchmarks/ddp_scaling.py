@@ -73,7 +73,8 @@ def main() -> None:
         worker(sys.argv[2:])
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("recipe", nargs="*", help="zoo name or YAML file, then key=value overrides (default: tiny quickstart)")
+    p.add_argument("recipe", nargs="*",
+                   help="zoo name or YAML file, then key=value overrides (default: tiny quickstart)")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="steps left out at the start")

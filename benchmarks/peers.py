@@ -97,11 +97,13 @@ ROWS: dict[str, Row] = {
     "bit": Row("BiT", "ResNetV2-50x1 (GN+WS), BiT stem, 64 px, 10 classes, batch 16 (ours: pad-4 crop + flip)",
                "timm resnetv2_50x1_bit, plain PyTorch step", 1.0,
                dict(image=64, batch=16), dict(image=32, batch=2)),
-    "data-mnist": Row("data path, MNIST", "bigmodel run loop on mnist.npz: supervised ViT-Tiny 28 px, patch 4, batch 64",
+    "data-mnist": Row("data path, MNIST",
+                      "bigmodel run loop on mnist.npz: supervised ViT-Tiny 28 px, patch 4, batch 64",
                       "the same step alone (views made beforehand); overhead = 1 - ratio", 0.9,
                       dict(file="mnist.npz", size="tiny", image=28, chans=1, batch=64),
                       dict(file="mnist.npz", size="nano", image=28, chans=1, batch=8)),
-    "data-cifar10": Row("data path, CIFAR-10", "bigmodel run loop on cifar10.npz: supervised ViT-Tiny 32 px, patch 4, batch 64",
+    "data-cifar10": Row("data path, CIFAR-10",
+                        "bigmodel run loop on cifar10.npz: supervised ViT-Tiny 32 px, patch 4, batch 64",
                         "the same step alone (views made beforehand); overhead = 1 - ratio", 0.9,
                         dict(file="cifar10.npz", size="tiny", image=32, chans=3, batch=64),
                         dict(file="cifar10.npz", size="nano", image=32, chans=3, batch=8)),
@@ -180,7 +182,8 @@ def _data_recipe(c: dict, precision: str, steps: int, out: str):
     from bigmodel.recipe import validate
 
     return validate({
-        "architecture": {"name": "vit", "size": c["size"], "image_size": c["image"], "patch_size": 4, "in_chans": c["chans"]},
+        "architecture": {"name": "vit", "size": c["size"], "image_size": c["image"], "patch_size": 4,
+                         "in_chans": c["chans"]},
         "data": {"name": "npz", "path": str(SHARED_DATA / c["file"])},
         "objective": {"name": "supervised"},
         "optim": {"batch_size": c["batch"], "steps": steps, "warmup_steps": 1},
@@ -385,7 +388,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     base = _rss_mb()
     warmup, steps = spec["warmup"], spec["steps"]
     if spec["row"].startswith("data-"):
-        bench = ours_loop(c, spec["precision"], warmup + steps) if spec["side"] == "ours" else step_alone(c, spec["precision"])
+        bench = (ours_loop(c, spec["precision"], warmup + steps) if spec["side"] == "ours"
+                 else step_alone(c, spec["precision"]))
     else:
         ours, peer = SIDES[spec["row"]]
         bench = (ours if spec["side"] == "ours" else peer)(c, spec["precision"])

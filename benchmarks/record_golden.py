@@ -31,8 +31,10 @@ from bigmodel import api  # noqa: E402
 from bigmodel.recipe import resolve, zoo_names  # noqa: E402
 from tests.recipes.test_golden import GOLDEN_FILE, golden_overrides, recorded  # noqa: E402
 
-ABOUT = ("Per-step pretraining losses (and MoE aux losses) of each zoo recipe's tiny run (tests/recipes/test_golden.py). "
-         "Written by benchmarks/record_golden.py: rerun it when a change moves them on purpose, and say why in the commit.")
+ABOUT = ("Per-step pretraining losses (and MoE aux losses) of each zoo recipe's tiny run "
+         "(tests/recipes/test_golden.py). "
+         "Written by benchmarks/record_golden.py: rerun it when a change moves them on purpose, "
+         "and say why in the commit.")
 
 
 def record(name: str, folder: Path) -> dict[str, dict[str, float]]:

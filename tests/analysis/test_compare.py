@@ -51,7 +51,8 @@ def test_table_reads_each_report_exactly(runs, tmp_path) -> None:
         report = json.loads((run / "report.json").read_text())
         linear, knn = (r["results"] for r in report["transfer"])
         assert row["run"] == str(run)
-        assert (row["architecture"], row["size"], row["objective"], row["data"]) == ("vit", "nano", "supervised", "fractals")
+        assert ((row["architecture"], row["size"], row["objective"], row["data"])
+                == ("vit", "nano", "supervised", "fractals"))
         assert row["params"] == report["model"]["backbone_params"] == 455520
         assert row["steps"] == report["pretrain"]["steps_done"] == steps
         assert row["pretrain_gflops"] == report["model"]["train_gflops_per_step"] * steps
@@ -105,7 +106,8 @@ def _fake_run(folder: Path, gflops_per_step: float, steps: int, params: int, top
     (folder / "report.json").write_text(json.dumps({
         "recipe": {"architecture": {"name": "vit", "size": "nano"}, "objective": {"name": "mae"},
                    "data": {"name": "npz", "path": "/data/cifar10.npz"}},
-        "pretrain": {"steps_done": steps}, "model": {"backbone_params": params, "train_gflops_per_step": gflops_per_step},
+        "pretrain": {"steps_done": steps},
+        "model": {"backbone_params": params, "train_gflops_per_step": gflops_per_step},
         "transfer": [row]}))
     return folder
 

@@ -222,7 +222,8 @@ def test_analyze_bad_input_is_one_line(tiny_run, capsys, argv, message) -> None:
 def test_analyze_without_a_checkpoint(tmp_path, capsys) -> None:
     assert main(["analyze", str(tmp_path), "--task", "digits"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"checkpoint error: {tmp_path}: no complete checkpoint (expected a run directory or checkpoints/step_*)"
+    assert err == (f"checkpoint error: {tmp_path}: no complete checkpoint "
+                   f"(expected a run directory or checkpoints/step_*)")
 
 
 def test_analyze_against_a_finetuned_copy(tiny_run, capsys) -> None:

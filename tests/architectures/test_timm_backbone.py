@@ -59,7 +59,8 @@ def timm_twin(cfg: dict, seed: int = 0) -> torch.nn.Module:
 
 
 def inputs(cfg: dict, n: int = 3) -> torch.Tensor:
-    return torch.randn(n, cfg["in_chans"], cfg["image_size"], cfg["image_size"], generator=torch.Generator().manual_seed(1))
+    return torch.randn(n, cfg["in_chans"], cfg["image_size"], cfg["image_size"],
+                       generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -269,7 +270,8 @@ def run(key: str, tmp_path: Path, transfer: list | None = None) -> dict:
 def test_tiny_run_reproduces_recorded_losses(key: str, tmp_path: Path) -> None:
     result = run(key, tmp_path)
     assert result["pretrain"]["steps_done"] == 3
-    assert result["model"]["backbone_params"] == sum(p.numel() for p in timm_twin(CONFIGS[key.split("-")[0]]).parameters())
+    twin = timm_twin(CONFIGS[key.split("-")[0]])
+    assert result["model"]["backbone_params"] == sum(p.numel() for p in twin.parameters())
 
 
 @pytest.mark.slow

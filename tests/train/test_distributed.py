@@ -62,7 +62,8 @@ def two(tmp_path_factory) -> Path:
 def test_two_processes_end_with_the_weights_of_one(two: Path, tmp_path: Path, case: str):
     cases.train(case, tmp_path)
     assert_close_weights(tmp_path, two / case)
-    losses = [[json.loads(ln)["loss"] for ln in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path, two / case)]
+    losses = [[json.loads(ln)["loss"] for ln in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (tmp_path, two / case)]
     assert losses[0] == pytest.approx(losses[1], rel=TOL)  # the mean over the ranks is the loss of one process
     assert steps_logged(two / case) == [1, 2, 3, 4]  # written once, by rank 0
     meta = checkpoint.load_meta(checkpoint.latest(two / case))
@@ -191,14 +192,16 @@ def test_compile_and_activation_checkpointing_train_a_tiny_recipe(tmp_path: Path
     monkeypatch.setattr(distributed, "COMPILE_BACKEND", "aot_eager")
     compiled_modules = []
     real_compile = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled_modules.append(self) or real_compile(self, **kw))
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: compiled_modules.append(self) or real_compile(self, **kw))
     losses = {}
     for flags in ((), ("run.compile=true", "run.activation_checkpointing=true")):
         recipe = resolve("quickstart", ["run.tiny=true", "run.precision=fp32", "optim.steps=3", "run.log_every=1",
                                         f"run.out={tmp_path / str(len(flags))}", *flags])
         data, model = build.experiment(recipe)
         pretrain(recipe, Path(recipe.run.out), data, model, Console(quiet=True))
-        losses[flags] = [json.loads(ln)["loss"] for ln in (Path(recipe.run.out) / "metrics.jsonl").read_text().splitlines()]
+        lines = (Path(recipe.run.out) / "metrics.jsonl").read_text().splitlines()
+        losses[flags] = [json.loads(ln)["loss"] for ln in lines]
         assert all(m._compiled_call_impl is None for m in compiled_modules)  # plain again (transfer, analysis)
     assert compiled_modules == distributed.blocks(model) and len(compiled_modules) == 4  # the tiny ViT's blocks
     plain, compiled = losses.values()

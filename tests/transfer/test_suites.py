@@ -115,7 +115,8 @@ def test_settings_id_covers_defaults_and_values():
 
     assert sid() == sid(k=20)  # k=20 is knn's default: the same settings, the same file
     assert sid(k=5) != sid(k=20) and sid(k=5) == sid(k=5)
-    assert suites.settings_id(suites.specs([{"task": {"name": "digits", "test_fraction": 0.5}, "protocol": "knn"}])) != sid()
+    half = {"task": {"name": "digits", "test_fraction": 0.5}, "protocol": "knn"}
+    assert suites.settings_id(suites.specs([half])) != sid()
 
 
 @pytest.mark.parametrize("entry, sets, line", [
