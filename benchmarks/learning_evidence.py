@@ -32,7 +32,8 @@ def row(run_dir: Path) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| recipe | pretrain s | linear pretrained | linear random init | gain | kNN pretrained | kNN random init |",
+    lines = ["| recipe | pretrain s | linear pretrained | linear random init | gain | kNN pretrained "
+             "| kNN random init |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lp, lr = r.get("linear/pretrained", float("nan")), r.get("linear/random_init", float("nan"))

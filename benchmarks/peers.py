@@ -9,7 +9,8 @@ batch, its forward and loss, backward, gradient clipping, the optimizer of ``bui
 through ``trainer.train_step`` as ``bigmodel run`` does — and the peer's usual step on the same
 configuration (synthetic data, 2 threads). Precisions: ``fp32`` and ``bf16`` (autocast) on both
 sides, and ``auto``: bigmodel's ``run.precision=auto`` (its choice, the trainer's
-:func:`bigmodel.train.precision.autocast_dtype`, is recorded) against the peer's default, fp32. Every measurement is a fresh process (``--worker``), ours and the peer's in turn, the order
+:func:`bigmodel.train.precision.autocast_dtype`, is recorded) against the peer's default, fp32.
+Every measurement is a fresh process (``--worker``), ours and the peer's in turn, the order
 swapped every round; a process warms up, then times single steps and reports their median.
 
 Per side and round it records images/s; the peak RSS of the process, and its RSS before the side's
@@ -311,7 +312,8 @@ def peer_simclr(c: dict, precision: str) -> Bench:
     conv = partial(StdConv2d, eps=1e-8)
     stem = make_divisible(64 * c["width"])
     torch.manual_seed(0)
-    backbone = ResNetV2(layers=[2, 2, 2, 2], channels=tuple(make_divisible(w * c["width"]) for w in (64, 128, 256, 512)),
+    backbone = ResNetV2(layers=[2, 2, 2, 2],
+                        channels=tuple(make_divisible(w * c["width"]) for w in (64, 128, 256, 512)),
                         num_classes=0, in_chans=3, stem_chs=stem, stem_type="fixed", basic=True, bottle_ratio=1.0,
                         conv_layer=conv, norm_layer=partial(GroupNormAct, num_groups=min(32, stem)))
     backbone.stem = nn.Sequential(OrderedDict(conv=conv(3, stem, kernel_size=3, stride=1)))

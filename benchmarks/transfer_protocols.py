@@ -135,7 +135,8 @@ def markdown(rows, args, run_dir, pretrain_s, transfer_s, total_s) -> str:
         "Top-1 % on the test split; few-shot: mean ± std over seeds "
         f"0..{args.seeds - 1}, logistic regression on frozen features.", "", *lines, "", *notes, "",
         f"Wall time: pretraining {pre}, transfer {transfer_s:.0f} s, total {total_s:.0f} s "
-        f"({args.threads} thread{'s' if args.threads > 1 else ''}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}).",
+        f"({args.threads} thread{'s' if args.threads > 1 else ''}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}).",
         "",
     ])
 

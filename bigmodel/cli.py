@@ -32,6 +32,7 @@ from bigmodel import api
 from bigmodel.analysis.compat import matrix_table
 from bigmodel.data.shards import write_shards
 from bigmodel.errors import DiskFull, InputError, NonFiniteLoss, RecipeError
+from bigmodel.predict import lines, predict
 from bigmodel.recipe import component, load_raw, zoo_names, zoo_text
 from bigmodel.registry import ARCHITECTURES, DATASETS, OBJECTIVES, PROTOCOLS
 from bigmodel.train import build
@@ -209,8 +210,6 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
-    from bigmodel.predict import lines, predict
-
     results = predict(args.checkpoint, args.images, args.top_k)
     print(json.dumps(results, indent=1) if args.json else "\n".join(lines(results)))
     return EXIT_OK
@@ -296,12 +295,14 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_analyze)
     s = sub.add_parser("export", help="write a checkpoint's model (backbone and class head) as a timm model, ONNX or "
                        "safetensors (backbone only), with its preprocessing",
-                       epilog="timm: model.safetensors + config.json for timm.create_model('local-dir:OUT', pretrained=True); "
+                       epilog="timm: model.safetensors + config.json for "
+                              "timm.create_model('local-dir:OUT', pretrained=True); "
                               "onnx: model.onnx (images -> logits and pooled features; backbone.onnx, features only, "
                               "for a checkpoint without a class head; dynamic batch); safetensors: "
-                              "backbone.safetensors (our names, no heads); each with config.json (input size, mean, std, "
-                              "interpolation, the recipe's architecture section)")
-    s.add_argument("checkpoint", metavar="RUN_DIR|CKPT", help="run directory (its latest intact checkpoint) or checkpoint folder")
+                              "backbone.safetensors (our names, no heads); each with config.json "
+                              "(input size, mean, std, interpolation, the recipe's architecture section)")
+    s.add_argument("checkpoint", metavar="RUN_DIR|CKPT",
+                   help="run directory (its latest intact checkpoint) or checkpoint folder")
     s.add_argument("--format", required=True, metavar="FORMAT", help="timm, onnx or safetensors")
     s.add_argument("--out", metavar="PATH", help="output folder (default RUN_DIR/export/FORMAT); for onnx, a name "
                    "ending in .onnx is the model file itself, config.json beside it")

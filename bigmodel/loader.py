@@ -186,7 +186,8 @@ def _architecture(found: Path, section: dict[str, Any]) -> Component:
     """A recorded ``{name, **kwargs}`` architecture section, validated against its builder."""
     name = section.get("name")
     if name not in ARCHITECTURES:
-        raise CheckpointError(f"{found}: meta.json names architecture {name!r}; valid: {', '.join(ARCHITECTURES.names())}")
+        raise CheckpointError(f"{found}: meta.json names architecture {name!r}; "
+                              f"valid: {', '.join(ARCHITECTURES.names())}")
     try:
         kwargs = ARCHITECTURES.validate(name, {k: v for k, v in section.items() if k != "name"})
     except ValidationError as e:

@@ -71,8 +71,9 @@ def test_run_returns_the_report_it_wrote(tiny) -> None:
 
 # (dict override, the same as a command-line argument, the message both give)
 BAD = [
-    ({"optim.stepz": 3}, "optim.stepz=3", "optim.stepz: unknown key; valid keys: name, lr, weight_decay, momentum, "
-                                          "betas, batch_size, accum_steps, steps, warmup_steps, min_lr_ratio, grad_clip"),
+    ({"optim.stepz": 3}, "optim.stepz=3",
+     "optim.stepz: unknown key; valid keys: name, lr, weight_decay, momentum, "
+     "betas, batch_size, accum_steps, steps, warmup_steps, min_lr_ratio, grad_clip"),
     ({"optim.steps": 0}, "optim.steps=0", "optim.steps = 0: input should be greater than or equal to 1"),
     ({"optm.steps": 1}, "optm.steps=1", "optm: unknown section; valid: architecture, data, objective, optim, run, "
                                         "transfer, tiny"),

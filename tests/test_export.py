@@ -274,7 +274,8 @@ def test_safetensors_holds_the_backbone_alone_with_its_preprocessing(tmp_path):
     section = cfg["bigmodel"]["architecture"]
     assert section == recipe["architecture"] == {"name": "vit", "size": "nano", "image_size": 16, "patch_size": 4,
                                                  "in_chans": 1}
-    assert (cfg["bigmodel"]["classes"], cfg["bigmodel"]["step"], cfg["bigmodel"]["objective"]) == (CLASSES, 5, "supervised")
+    assert ((cfg["bigmodel"]["classes"], cfg["bigmodel"]["step"], cfg["bigmodel"]["objective"])
+            == (CLASSES, 5, "supervised"))
     assert (cfg["num_classes"], cfg["num_features"]) == (0, 96)
     # the section and the weights rebuild the backbone
     from bigmodel.recipe import component
@@ -293,7 +294,8 @@ def test_timm_preprocessing_says_how_inputs_are_made(tmp_path):
     cfg = json.loads((Path(export(run, "timm")["out"]) / "config.json").read_text())
     pre = cfg["pretrained_cfg"]
     assert pre["input_size"] == [3, 16, 16] and pre["mean"] == [0.5] * 3 and pre["std"] == [0.5] * 3
-    assert (pre["interpolation"], pre["crop_pct"], pre["num_classes"], pre["classifier"]) == ("bilinear", 1.0, 3, "head")
+    assert ((pre["interpolation"], pre["crop_pct"], pre["num_classes"], pre["classifier"])
+            == ("bilinear", 1.0, 3, "head"))
     assert cfg["label_names"] == CLASSES
     from bigmodel.data.transforms import to_input
 

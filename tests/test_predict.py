@@ -126,7 +126,8 @@ def test_predict_refuses_a_self_supervised_checkpoint(mnist, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "mae"), str(mnist["pngs"][0])]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == (f"checkpoint error: predict: {tmp_path / 'mae'} is a mae checkpoint (self-supervised): it has no class "
+    assert err == (f"checkpoint error: predict: {tmp_path / 'mae'} is a mae checkpoint (self-supervised): "
+                   f"it has no class "
                    f"head. Fine-tune it on labelled data first, keeping the checkpoints: bigmodel transfer "
                    f"{tmp_path / 'mae'} --task TASK --protocol finetune --set checkpoint_dir=DIR, then bigmodel "
                    f"predict DIR/<the folder it made> IMAGE...\n")

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
+from bigmodel.architectures.timm_backbone import TimmBackbone
+from bigmodel.architectures.vit import ViT
+from bigmodel.data.transforms import to_input
+
 
 def _vit(model: torch.nn.Module):
     """The backbone when it is a ViT whose rollout this module draws: ours, or a timm
     VisionTransformer behind the ``timm`` architecture with one prefix (class) token and timm's
     standard attention modules; else None."""
-    from bigmodel.architectures.timm_backbone import TimmBackbone
-    from bigmodel.architectures.vit import ViT
-
     net = getattr(model, "backbone", model)
     if isinstance(net, ViT):
         return net
@@ -74,8 +75,6 @@ def rollout(maps: list[torch.Tensor]) -> torch.Tensor:
 def cls_maps(net: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """uint8 images ``(B, C, H, W)`` → the class token's rollout over the patches ``(B, g, g)``
     (``g = image_size / patch_size``), each map renormalised to sum to 1."""
-    from bigmodel.data.transforms import to_input
-
     dev = next(net.parameters()).device
     x = to_input(images, net.image_size, net.in_chans).to(dev)
     r = rollout(attention_maps(net, x))[:, 0, 1:]

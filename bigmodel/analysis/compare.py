@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from bigmodel.recipe import RecipeError
+from bigmodel.transfer.runner import protocol_label, task_label
 from bigmodel.transfer.suites import task_name
 
 MIN_FIT_POINTS = 4
@@ -51,8 +52,6 @@ def power_law(x: Any, error: Any) -> dict[str, float]:
 
 def column(row: dict[str, Any]) -> str:
     """``task · protocol`` of a transfer row (few-shot: its primary shot count): the base of its column's label."""
-    from bigmodel.transfer.runner import protocol_label, task_label
-
     return f"{task_label(row)} · {protocol_label(row)}"
 
 

@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from bigmodel.data.transforms import MEAN, STD
+from bigmodel.objectives.autoregressive import Autoregressive
+
 MAX_IMAGES = 4  # images completed
 COMPLETIONS = 3  # completions per image
 SAMPLES = 8  # unconditional samples
@@ -49,8 +52,6 @@ def samples(model: nn.Module, n: int = SAMPLES, seed: int = SEED) -> torch.Tenso
 
 def make(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, out: Path) -> Path | None:
     """Write ``out/completions.png`` for the ``autoregressive`` objective; None for any other."""
-    from bigmodel.objectives.autoregressive import Autoregressive
-
     if not isinstance(model, Autoregressive):
         return None
     images = torch.as_tensor(images)[:MAX_IMAGES]
@@ -114,7 +115,5 @@ def _blank_below(img: np.ndarray, row: int) -> np.ndarray:
 
 def _display(x: torch.Tensor) -> np.ndarray:
     """Normalised ``(C, H, W)`` → ``(H, W)`` (grey) or ``(H, W, 3)`` in [0, 1]."""
-    from bigmodel.data.transforms import MEAN, STD
-
     img = (x.float() * STD + MEAN).clamp(0, 1).numpy()
     return img[0].copy() if img.shape[0] == 1 else img.transpose(1, 2, 0).copy()

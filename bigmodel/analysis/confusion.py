@@ -9,6 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from bigmodel.transfer.base import features
+from bigmodel.transfer.linear import Linear
+
 
 def matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts ``(K, K)``: row = true class, column = predicted class (scikit-learn's)."""
@@ -21,9 +24,6 @@ def probe(backbone: torch.nn.Module, train: Any, test: Any, batch: int = 256,
           dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fit the linear probe (the ``linear`` protocol with its default settings) on
     ``train``'s frozen features; returns ``(true, predicted)`` labels of ``test``, each ``(N,)``."""
-    from bigmodel.transfer.base import features
-    from bigmodel.transfer.linear import Linear
-
     xtr = features(backbone, train, batch, dtype).numpy()
     xte = features(backbone, test, batch, dtype).numpy()
     scaler, clf, _ = Linear().fit(xtr, train.targets.numpy())  # C chosen as the protocol chooses it

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bigmodel.transfer.base import features
+
 
 def tsne(feats: np.ndarray, seed: int = 0) -> np.ndarray:
     """``(N, D)`` features → ``(N, 2)`` t-SNE coordinates (PCA init, perplexity ≤ 30 and < N)."""
@@ -28,8 +30,6 @@ def make(backbones: dict[str, torch.nn.Module], test: Any, out: Path, task: str 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from bigmodel.transfer.base import features
 
     labels = test.targets.numpy()
     maps = {name: tsne(features(net, test, 256, dtype).numpy(), seed) for name, net in backbones.items()}

@@ -24,6 +24,10 @@ import torch
 from rich.console import Console
 
 from bigmodel import loader
+from bigmodel.analysis import confusion, curves, embedding
+from bigmodel.train import build
+from bigmodel.train.metrics import read_metrics
+from bigmodel.transfer.suites import task_name, task_splits
 
 BUILDERS = ("attention", "gradcam", "reconstruction", "completions", "expert_load")
 SAMPLES = 8  # test images shown by the model builders
@@ -54,8 +58,6 @@ def _subset(data: Any, n: int, seed: int = 0) -> Any:
 def task_data(recipe: Any) -> tuple[str, Any, Any] | None:
     """``(name, train, test)`` of the recipe's first transfer task (seeded subsets of at most
     :data:`PROBE_TRAIN` / :data:`PROBE_TEST` images), or ``None`` without a transfer section."""
-    from bigmodel.transfer.suites import task_name, task_splits
-
     if not recipe.transfer:
         return None
     spec = recipe.transfer[0].task
@@ -87,10 +89,6 @@ def make_all(run_dir: Path, console: Console | None = None) -> list[Path]:
     """Write every figure that applies to the run in ``run_dir`` into ``run_dir/figures``;
     returns their paths. Figures that need the transfer task's data are skipped, with a note,
     when it cannot be loaded here (the others still come)."""
-    from bigmodel.analysis import confusion, curves, embedding
-    from bigmodel.train import build
-    from bigmodel.train.metrics import read_metrics
-
     console = console or Console(quiet=True)
     run_dir = Path(run_dir)
     out = run_dir / "figures"

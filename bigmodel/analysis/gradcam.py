@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigmodel.architectures.resnet import ResNet
+from bigmodel.objectives.supervised import Supervised
+from bigmodel.transfer.linear import fit_probe
 
 MAX_IMAGES = 8  # rows of the figure
 
@@ -33,15 +35,12 @@ def linear_head(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) ->
     folded with its standardisation into one ``nn.Linear`` whose output ``j`` is the score of class
     ``j`` (classes absent from ``labels`` score ``-inf``). None when ``labels`` hold fewer than two
     known classes."""
-    from bigmodel.objectives.supervised import Supervised
-
     if isinstance(model, Supervised):
         return model.head
     known = labels >= 0
     classes = torch.unique(labels[known])
     if len(classes) < 2:
         return None
-    from bigmodel.transfer.linear import fit_probe
 
     net = model.backbone
     with torch.no_grad():

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from bigmodel.data.transforms import MEAN, STD
+from bigmodel.objectives.mae import MAE
+
 ROWS = 6  # images shown, at most
 COLUMNS = (("input", "original"), ("masked", "masked"), ("reconstruction", "reconstruction\n(visible + predicted)"),
            ("prediction", "prediction\n(every patch)"))
@@ -25,15 +28,12 @@ def reconstruct(model: torch.nn.Module, images: torch.Tensor, seed: int = 0) -> 
 
 def to_display(x: torch.Tensor) -> torch.Tensor:
     """Normalised inputs ``(C, H, W)`` → ``(H, W, C)`` in [0, 1] for imshow."""
-    from bigmodel.data.transforms import MEAN, STD
-
     return (x * STD + MEAN).clamp(0, 1).permute(1, 2, 0)
 
 
 def make(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, out: Path) -> Path | None:
-    """Write ``out/reconstruction.png`` (one row per image, at most :data:`ROWS`); ``None`` for objectives other than MAE."""
-    from bigmodel.objectives.mae import MAE
-
+    """Write ``out/reconstruction.png`` (one row per image, at most :data:`ROWS`); ``None`` for objectives
+    other than MAE."""
     if not isinstance(model, MAE):
         return None
     import matplotlib

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel.train.metrics import read_metrics
+from bigmodel.transfer.runner import subjects_of, table_lines
 
 # Figures in the order report.html shows them; others under figures/ and analysis/ follow by name.
 FIGURE_ORDER = ("curves", "confusion", "tsne", "attention", "gradcam", "reconstruction", "completions",
@@ -103,8 +104,6 @@ def _loss_png(metrics: list[dict[str, Any]]) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    from bigmodel.transfer.runner import subjects_of, table_lines
-
     subjects = subjects_of(rows)
     head = "".join(f"<th>{html.escape(s)}</th>" for s in subjects)
     body = "".join(
@@ -123,7 +122,8 @@ def _safe_table(rows: Any) -> str:
         return "<p>(rows in an unknown layout; see report.json)</p>"
 
 
-FIGURE_TITLES = {"curves": "Loss and learning rate", "confusion": "Confusion matrix (linear probe, first transfer task)",
+FIGURE_TITLES = {"curves": "Loss and learning rate",
+                 "confusion": "Confusion matrix (linear probe, first transfer task)",
                  "tsne": "Frozen test features (t-SNE): pretrained vs random init", "attention": "Attention rollout",
                  "gradcam": "Grad-CAM", "reconstruction": "MAE reconstructions",
                  "completions": "Completions and samples", "expert_load": "Expert load"}

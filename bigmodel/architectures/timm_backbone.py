@@ -138,7 +138,8 @@ def _why_no_tokens(net: nn.Module, model: str, image_size: int, feature_dim: int
     if p[0] != p[1] or image_size % p[0] or getattr(net.patch_embed, "dynamic_img_pad", False):
         return f"{what}: MAE needs square patches that tile the image (patch {tuple(p)}, image {image_size})"
     if feature_dim != net.embed_dim:
-        return f"{what} projects its pooled features ({net.embed_dim} → {feature_dim}); MAE needs them at the token width"
+        return (f"{what} projects its pooled features ({net.embed_dim} → {feature_dim}); "
+                "MAE needs them at the token width")
     return None
 
 

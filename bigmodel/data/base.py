@@ -168,7 +168,8 @@ def channels_first(x: np.ndarray, name: str = "images") -> np.ndarray:
     """
     if x.dtype != np.uint8:
         raise ValueError(f"{name} must be uint8 0..255, got {x.dtype}"
-                         + ("; scale floats in [0, 1] with (x * 255).round().astype(np.uint8)" if x.dtype.kind == "f" else ""))
+                         + ("; scale floats in [0, 1] with (x * 255).round().astype(np.uint8)"
+                            if x.dtype.kind == "f" else ""))
     expected = "expected (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3"
     if x.ndim == 3:
         x = x[:, None]
@@ -194,7 +195,8 @@ def from_numpy(x: np.ndarray, y: np.ndarray | None, classes: list[str] | None = 
                num_classes: int | None = None, name: str = "images") -> TensorImages:
     """uint8 images in any layout :func:`channels_first` reads, with int labels (``None``: unlabelled)."""
     x = channels_first(x, name)
-    targets = torch.full((len(x),), -1, dtype=torch.long) if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
+    targets = (torch.full((len(x),), -1, dtype=torch.long) if y is None
+               else torch.from_numpy(np.asarray(y, dtype=np.int64)))
     return TensorImages(torch.from_numpy(np.ascontiguousarray(x)), targets, classes, num_classes)
 
 

@@ -43,6 +43,7 @@ from pydantic import Field
 from torch.utils.data import IterableDataset
 
 from bigmodel.data.base import ImageDataset, TensorImages, expand_path
+from bigmodel.data.loader import rank_rows
 from bigmodel.errors import DataError
 from bigmodel.registry import DATASETS
 
@@ -194,8 +195,6 @@ class Shards(IterableDataset, ImageDataset):
         ``rank``'s rows (:func:`~bigmodel.data.loader.rank_rows`) of the step's global batch of
         ``batch_size``, ``b = batch_size / world``. Only the streams these steps draw from are
         opened, and only this rank's samples are decoded."""
-        from bigmodel.data.loader import rank_rows
-
         rows = rank_rows(batch_size, accum_steps, rank, world).tolist()
         slots: dict[int, _Slot] = {}
         for t in steps:

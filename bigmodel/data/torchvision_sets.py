@@ -96,13 +96,15 @@ def fashion_mnist(root: str = DEFAULT_ROOT, split: Literal["train", "test"] = "t
 
 
 @DATASETS.register("cifar10")
-def cifar10(root: str = DEFAULT_ROOT, split: Literal["train", "test"] = "train", download: bool = False) -> TensorImages:
+def cifar10(root: str = DEFAULT_ROOT, split: Literal["train", "test"] = "train",
+            download: bool = False) -> TensorImages:
     """CIFAR-10, ``(N, 3, 32, 32)``, from ``root/cifar-10-batches-py/``."""
     return _cifar(tvd.CIFAR10, "cifar10", root, split, download)
 
 
 @DATASETS.register("cifar100")
-def cifar100(root: str = DEFAULT_ROOT, split: Literal["train", "test"] = "train", download: bool = False) -> TensorImages:
+def cifar100(root: str = DEFAULT_ROOT, split: Literal["train", "test"] = "train",
+             download: bool = False) -> TensorImages:
     """CIFAR-100 (fine labels), ``(N, 3, 32, 32)``, from ``root/cifar-100-python/``."""
     return _cifar(tvd.CIFAR100, "cifar100", root, split, download)
 

@@ -81,7 +81,8 @@ class MAE(Objective):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         pos = build_sincos2d_pos_embed([grid, grid], decoder_dim)
         self.register_buffer("decoder_pos", torch.cat([torch.zeros(1, decoder_dim), pos])[None], persistent=False)
-        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, qkv_bias=True, attn_layer=Attention) for _ in range(decoder_depth))
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, qkv_bias=True, attn_layer=Attention)
+                                            for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * backbone.in_chans)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_pred):

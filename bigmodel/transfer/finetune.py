@@ -52,6 +52,7 @@ from bigmodel.objectives.classifier import Classifier, Schedule
 from bigmodel.registry import PROTOCOLS
 from bigmodel.train import checkpoint
 from bigmodel.train.metrics import read_metrics
+from bigmodel.train.precision import autocast_dtype
 from bigmodel.train.trainer import Loop, fit
 from bigmodel.transfer.base import Protocol
 
@@ -291,6 +292,4 @@ def _digest(*tensors: torch.Tensor, names: list[str] | None = None) -> str:
 
 
 def _autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
-    from bigmodel.train.precision import autocast_dtype
-
     return autocast_dtype(precision, dev)

@@ -25,7 +25,8 @@ def naive_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 def data(n: int = 50, p: int = 12, q: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, p, generator=g, dtype=torch.float64)
-    y = x[:, :q] @ torch.randn(q, q, generator=g, dtype=torch.float64) + torch.randn(n, q, generator=g, dtype=torch.float64)
+    y = (x[:, :q] @ torch.randn(q, q, generator=g, dtype=torch.float64)
+         + torch.randn(n, q, generator=g, dtype=torch.float64))
     return x, y
 
 

@@ -138,7 +138,8 @@ def test_std_conv_is_timms_up_to_float_rounding():
     evaluation exactly timm's; an all-zero weight (zero_init_last) convolves as zero."""
     torch.manual_seed(0)
     for out_ch, in_ch, k in ((64, 3, 3), (256, 64, 1), (32, 16, 3)):
-        ours, ref = StdConv2d(in_ch, out_ch, kernel_size=k, eps=1e-8), TimmStdConv2d(in_ch, out_ch, kernel_size=k, eps=1e-8)
+        ours, ref = (StdConv2d(in_ch, out_ch, kernel_size=k, eps=1e-8),
+                     TimmStdConv2d(in_ch, out_ch, kernel_size=k, eps=1e-8))
         assert isinstance(ours, TimmStdConv2d) and ours.state_dict().keys() == ref.state_dict().keys()
         ref.load_state_dict(ours.state_dict())
         x = torch.randn(2, in_ch, 8, 8)

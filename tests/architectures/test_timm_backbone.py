@@ -210,7 +210,8 @@ def test_recipe_errors_name_the_model_and_the_problem() -> None:
         validate(recipe({"model": "convnext_atto", "model_kwargs": {"dimz": 8}}))
     # four stride-2 stages after a stride-4 stem leave nothing of a 28 px image
     with pytest.raises(RecipeError, match=r"timm model 'convnext_atto' \(ConvNeXt\) does not run on 1x28x28 images "
-                                          r"\(.*\); change architecture.image_size or the model's size in model_kwargs$"):
+                                          r"\(.*\); change architecture.image_size "
+                                          r"or the model's size in model_kwargs$"):
         validate(recipe({**CONVNEXT, "image_size": 28}))
 
 
@@ -292,7 +293,8 @@ def test_end_to_end_pretrain_transfer_report_figures(key: str, figures: set, tmp
     from bigmodel.transfer import base, suites
     from tests.transfer.test_reference import reference_knn
 
-    train, test = suites.task_splits(validate(recipe(CONFIGS["deit"], "supervised", out, transfer=knn_on_mnist(mnist_npz)))
+    train, test = suites.task_splits(validate(recipe(CONFIGS["deit"], "supervised", out,
+                                                     transfer=knn_on_mnist(mnist_npz)))
                                      .transfer[0].task)
     backbone = load(out).backbone
     settings = {"k": 5, "temperature": 0.07, "center": True}

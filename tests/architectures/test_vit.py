@@ -62,7 +62,8 @@ def test_attention_is_timms_and_attends_in_fp32_under_cpu_bf16_autocast(monkeypa
         torch.testing.assert_close(ours(x, is_causal=causal), ref(x, is_causal=causal), rtol=0, atol=0)
     seen = []
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or sdpa(q, k, v, **kw))
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append(q.dtype) or sdpa(q, k, v, **kw))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = ours(x, is_causal=True)
     assert seen == [torch.float32] and y.dtype == torch.bfloat16

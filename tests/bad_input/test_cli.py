@@ -75,7 +75,8 @@ TRANSFER = ["transfer", "{tmp}/run", "--task", "digits"]
 
 CASES = [
     Case("zoo-unknown", ["zoo", "nosuch"], 2,
-         "recipe error: zoo 'nosuch': no such recipe; zoo: byol-resnet, igpt, mae-vit, mae-vit-moe, pixel-lstm, quickstart, "),
+         "recipe error: zoo 'nosuch': no such recipe; zoo: byol-resnet, igpt, mae-vit, mae-vit-moe, pixel-lstm, "
+         "quickstart, "),
     Case("switch-data-tiny-missing-key", ["run", "run.tiny=true", "data.name=npz", "run.out={tmp}/r"], 2,
          "recipe error: data.path: required key is missing", absent=("r",)),
     Case("switch-data-tiny-note", ["pretrain", "run.tiny=true", "data.name=digits", "architecture.image_size=16",

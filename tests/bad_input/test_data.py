@@ -34,7 +34,8 @@ def _folder(classes: dict[str, str]) -> callable:
             for c in names:
                 (tmp / "imgs" / split / c).mkdir(parents=True, exist_ok=True)
                 Image.fromarray(np.full((8, 8), ord(c), np.uint8)).save(tmp / "imgs" / split / c / "0.png")
-        (tmp / "r.yaml").write_text(yaml.safe_dump(_recipe({"name": "imagefolder", "root": str(tmp / "imgs"), "channels": 1})))
+        (tmp / "r.yaml").write_text(yaml.safe_dump(_recipe({"name": "imagefolder", "root": str(tmp / "imgs"),
+                                                             "channels": 1})))
     return setup
 
 
@@ -44,7 +45,8 @@ def _text_npz(tmp: Path) -> None:
 
 SUPERVISED = ["run", "supervised-vit", "run.tiny=true", "data.path={tmp}/bad.npz", "run.out={tmp}/r"]
 CASES = [
-    Case("label-57", SUPERVISED, 2, "bad.npz: y_train has labels 57 (1 image, first at index 127) but no image of class 10",
+    Case("label-57", SUPERVISED, 2,
+         "bad.npz: y_train has labels 57 (1 image, first at index 127) but no image of class 10",
          setup=_npz(y_train=np.r_[Y[:-1], 57]), absent=("r",)),
     Case("label-minus-1", SUPERVISED, 2, "bad.npz: y_train has negative labels -1 (2 images, first at index 126); "
          "-1 marks unlabelled images: set labels=false", setup=_npz(y_train=np.r_[Y[:-2], -1, -1]), absent=("r",)),
@@ -59,17 +61,20 @@ CASES = [
          "or (N, C, H, W) with C = 1 or 3", setup=_npz(x_train=np.zeros((128, 8, 8, 5), np.uint8)), absent=("r",)),
     Case("not-square", SUPERVISED, 2, "bad.npz: x_train: images must be square, got 8x6",
          setup=_npz(x_train=np.zeros((128, 8, 6), np.uint8)), absent=("r",)),
-    Case("missing-file", ["run", "supervised-vit", "run.tiny=true", "data.path=nowhere/mnist.npz", "run.out={tmp}/r"], 2,
+    Case("missing-file", ["run", "supervised-vit", "run.tiny=true", "data.path=nowhere/mnist.npz",
+                          "run.out={tmp}/r"], 2,
          "npz path='nowhere/mnist.npz': no such file; looked for ", absent=("r",)),
     Case("batch-larger-than-data", ["run", "igpt", "run.tiny=true", "data.path={tmp}/ok.npz", "optim.batch_size=100000",
                                     "run.out={tmp}/r"], 2,
-         "optim.batch_size = 100000 is larger than the training set (128 images); lower optim.batch_size to at most 128",
+         "optim.batch_size = 100000 is larger than the training set (128 images); "
+         "lower optim.batch_size to at most 128",
          setup=_npz("ok.npz"), absent=("r",)),
     Case("one-class-folder", ["run", "{tmp}/r.yaml", "run.out={tmp}/r"], 2,
          "objective 'supervised' needs at least 2 classes; data 'imagefolder' has only one ('a')",
          setup=_folder({"": "a"}), absent=("r",)),
     Case("test-class-not-in-train", ["run", "{tmp}/r.yaml", "run.out={tmp}/r"], 2,
-         "/imgs': test/ has classes that train/ lacks: c (1)", setup=_folder({"train": "ab", "test": "abc"}), absent=("r",)),
+         "/imgs': test/ has classes that train/ lacks: c (1)", setup=_folder({"train": "ab", "test": "abc"}),
+         absent=("r",)),
 ]
 
 
@@ -80,9 +85,10 @@ def test_bad_input(case, tmp_path, capsys, monkeypatch):
 
 def test_missing_shared_file_says_where_it_looked(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BIGMODEL_SHARED_DATA", str(tmp_path / "shared"))
-    case = Case("no-shared-data", ["run", "supervised-vit", "run.tiny=true", "data.path=$BIGMODEL_SHARED_DATA/mnist.npz",
-                                   "run.out={tmp}/r"], 2,
-                f"npz path='$BIGMODEL_SHARED_DATA/mnist.npz': no such file; looked for {tmp_path / 'shared' / 'mnist.npz'} "
+    case = Case("no-shared-data", ["run", "supervised-vit", "run.tiny=true",
+                                   "data.path=$BIGMODEL_SHARED_DATA/mnist.npz", "run.out={tmp}/r"], 2,
+                f"npz path='$BIGMODEL_SHARED_DATA/mnist.npz': no such file; "
+                f"looked for {tmp_path / 'shared' / 'mnist.npz'} "
                 f"($BIGMODEL_SHARED_DATA as set); set BIGMODEL_SHARED_DATA=/folder/with/the/data", absent=("r",))
     check(case, tmp_path, capsys, monkeypatch)
 

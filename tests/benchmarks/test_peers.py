@@ -19,8 +19,8 @@ import torch
 from bigmodel.train import precision
 
 REPO = Path(__file__).resolve().parents[2]
-SIDE_KEYS = {"images_per_s", "step_s", "steps", "peak_rss_mb", "base_rss_mb", "built_rss_mb", "autocast", "gflop_per_step", "gflops",
-             "matmul_share_fp32", "matmul_share_bf16"}
+SIDE_KEYS = {"images_per_s", "step_s", "steps", "peak_rss_mb", "base_rss_mb", "built_rss_mb", "autocast",
+             "gflop_per_step", "gflops", "matmul_share_fp32", "matmul_share_bf16"}
 
 
 @pytest.mark.slow

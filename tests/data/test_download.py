@@ -85,7 +85,8 @@ def _serve_mnist(served: Path, monkeypatch, mirrors: list[str], wrong_md5: str |
     """MNIST's four ``.gz`` idx files in ``served``; torchvision's MNIST points at ``mirrors`` with
     the files' md5s (``wrong_md5``: that file's md5 is not the served one)."""
     rng = np.random.default_rng(0)
-    arrays = {"x_train": rng.integers(0, 256, (6, 28, 28), dtype=np.uint8), "y_train": np.array([5, 0, 4, 1, 9, 2], np.uint8),
+    arrays = {"x_train": rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+              "y_train": np.array([5, 0, 4, 1, 9, 2], np.uint8),
               "x_test": rng.integers(0, 256, (4, 28, 28), dtype=np.uint8), "y_test": np.array([7, 2, 1, 0], np.uint8)}
     for name, key in zip(MNIST_FILES, ["x_train", "y_train", "x_test", "y_test"], strict=True):
         (served / name).write_bytes(gzip.compress(_idx(arrays[key]), mtime=0))
@@ -164,7 +165,8 @@ def _cifar_tarball(served: Path, monkeypatch) -> tuple[np.ndarray, np.ndarray, n
     monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", _md5(served / "cifar-10-python.tar.gz"))
     monkeypatch.setattr(tvd.CIFAR10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
     monkeypatch.setattr(tvd.CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
-    monkeypatch.setattr(tvd.CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names", "md5": md5["batches.meta"]})
+    monkeypatch.setattr(tvd.CIFAR10, "meta",
+                        {"filename": "batches.meta", "key": "label_names", "md5": md5["batches.meta"]})
 
     def images(keys: list[str]) -> np.ndarray:
         return np.concatenate([batches[k][0] for k in keys]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)

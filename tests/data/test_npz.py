@@ -48,14 +48,17 @@ def test_a_declared_count_allows_empty_classes(tmp_path: Path):
     ({"y_train": np.r_[Y[:-3], -1, -1, -1]}, {},
      "y_train has negative labels -1 (3 images, first at index 17); -1 marks unlabelled images: "
      "set labels=false to train without labels, or label every image"),
-    ({"y_train": np.r_[Y[:-1], -4]}, {}, "y_train has negative labels -4 (1 image, first at index 19); labels are class indices"),
+    ({"y_train": np.r_[Y[:-1], -4]}, {},
+     "y_train has negative labels -4 (1 image, first at index 19); labels are class indices"),
     ({"y_train": Y.astype(np.float32)}, {},
-     "y_train must hold integer class indices, got float32 (first values: 0.0, 1.0, 2.0, 3.0, 4.0); store y.astype(np.int64)"),
+     "y_train must hold integer class indices, got float32 (first values: 0.0, 1.0, 2.0, 3.0, 4.0); "
+     "store y.astype(np.int64)"),
     ({"y_train": np.r_[Y[:-1], 12]}, {"num_classes": 10},
      "y_train has labels outside 0..9 (num_classes=10): 12 (1 image, first at index 19)"),
     ({"y_train": np.r_[Y[:-1], 10], "classes": np.array(list("abcdefghij"))}, {},
      "y_train has labels outside 0..9 (the file's 'classes' array (10 names)): 10 (1 image, first at index 19)"),
-    ({"y_train": np.eye(10)[Y]}, {}, "y_train must hold one class index per image, shape (N,), got shape (20, 10) (one-hot?"),
+    ({"y_train": np.eye(10)[Y]}, {},
+     "y_train must hold one class index per image, shape (N,), got shape (20, 10) (one-hot?"),
     ({"x_train": _images(0), "y_train": Y[:0]}, {}, "x_train is empty (shape (0, 6, 6)); it needs at least one image"),
     ({"y_train": Y[:5]}, {}, "x_train has 20 images but y_train has 5 labels"),
     ({"x_train": _images(20, (6, 6, 5))}, {},
@@ -126,7 +129,8 @@ def test_shared_data_placeholder_and_missing_file(tmp_path: Path, monkeypatch):
     assert len(npz("$BIGMODEL_SHARED_DATA/m.npz")) == 20
     with pytest.raises(FileNotFoundError) as err:
         npz("$BIGMODEL_SHARED_DATA/nope.npz")
-    assert str(err.value) == (f"npz path='$BIGMODEL_SHARED_DATA/nope.npz': no such file; looked for {tmp_path / 'nope.npz'} "
+    assert str(err.value) == (f"npz path='$BIGMODEL_SHARED_DATA/nope.npz': no such file; "
+                              f"looked for {tmp_path / 'nope.npz'} "
                               f"($BIGMODEL_SHARED_DATA as set); set BIGMODEL_SHARED_DATA=/folder/with/the/data")
     monkeypatch.delenv("BIGMODEL_SHARED_DATA")
     repo = Path(__file__).resolve().parents[2]
@@ -185,7 +189,8 @@ def test_a_zoo_recipe_without_its_data_prints_the_get_command(tmp_path: Path, mo
     assert cli.main(["run", "simclr-resnet", "run.tiny=true"]) == 2
     assert capsys.readouterr().err == (
         f"recipe error: npz path='$BIGMODEL_DATA/mnist.npz': mnist.npz is in no data folder "
-        f"($BIGMODEL_DATA={tmp_path / 'a'}, $BIGMODEL_SHARED_DATA={tmp_path / 'b'}); get it with: bigmodel data get mnist\n")
+        f"($BIGMODEL_DATA={tmp_path / 'a'}, $BIGMODEL_SHARED_DATA={tmp_path / 'b'}); "
+        f"get it with: bigmodel data get mnist\n")
     assert list(tmp_path.iterdir()) == []
 
 

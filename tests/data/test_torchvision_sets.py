@@ -51,7 +51,8 @@ def test_missing_files_say_where_they_must_go(name: str, tmp_path: Path):
         DATASETS.build(name, root=str(tmp_path), split="train")
     msg = str(err.value)
     assert str(tmp_path) in msg and "data.download=true" in msg
-    expected = {"mnist": "MNIST/raw/train-images-idx3-ubyte", "fashion_mnist": "FashionMNIST/raw/t10k-labels-idx1-ubyte",
+    expected = {"mnist": "MNIST/raw/train-images-idx3-ubyte",
+                "fashion_mnist": "FashionMNIST/raw/t10k-labels-idx1-ubyte",
                 "cifar10": "cifar-10-batches-py/data_batch_1", "cifar100": "cifar-100-python/train",
                 "svhn": "train_32x32.mat", "stl10": "stl10_binary/train_X.bin"}[name]
     assert str(tmp_path / expected) in msg

@@ -72,7 +72,8 @@ def test_forward_is_the_loss_of_its_networks():
         x = torch.cat(views)
         p1, p2 = obj.predictor(obj.projector(obj.backbone(x))).chunk(2)
         z1, z2 = obj.target["projector"](obj.target["backbone"](x)).chunk(2)
-    torch.testing.assert_close(out["loss"].double(), naive_byol_loss(p1.double(), p2.double(), z1.double(), z2.double()),
+    torch.testing.assert_close(out["loss"].double(),
+                               naive_byol_loss(p1.double(), p2.double(), z1.double(), z2.double()),
                                rtol=1e-5, atol=1e-6)
 
 
@@ -117,7 +118,8 @@ def test_ema_update_equals_naive_per_parameter_update():
 def test_target_starts_as_the_online_network_and_gets_no_gradient():
     obj = _byol()
     online = obj.backbone.state_dict() | {f"p.{k}": v for k, v in obj.projector.state_dict().items()}
-    target = obj.target["backbone"].state_dict() | {f"p.{k}": v for k, v in obj.target["projector"].state_dict().items()}
+    target = (obj.target["backbone"].state_dict()
+              | {f"p.{k}": v for k, v in obj.target["projector"].state_dict().items()})
     assert online.keys() == target.keys() and all(torch.equal(online[k], target[k]) for k in online)
     out = obj(obj.views(_images(), torch.Generator().manual_seed(0)), torch.full((8,), -1))
     out["loss"].backward()
@@ -228,7 +230,8 @@ def test_zoo_recipe_stopped_and_resumed_is_bit_exact(tmp_path, mnist_npz):
 
 
 DIST = {"architecture": {"name": "vit", "size": "nano", "image_size": 16, "patch_size": 4, "in_chans": 1},
-        "data": {"name": "fractals", "classes": 4, "images_per_class": 8, "image_size": 16, "channels": 1, "points": 500},
+        "data": {"name": "fractals", "classes": 4, "images_per_class": 8, "image_size": 16, "channels": 1,
+                 "points": 500},
         "objective": {"name": "byol", "proj_hidden": 32, "proj_dim": 16, "tau_base": 0.9, "momentum_steps": 4,
                       "crop_scale": [0.5, 1.0]},
         # SGD: linear in the gradient, so float noise stays noise (as tests/train/dist_cases.py)

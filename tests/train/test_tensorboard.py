@@ -21,7 +21,8 @@ def batches(start: int, die_at: int | None = None):
         if step == die_at:
             raise KeyboardInterrupt("killed")
         g = torch.Generator().manual_seed(step)
-        yield torch.randint(0, 256, (8, 1, 2, 2), generator=g, dtype=torch.uint8), torch.randint(0, 3, (8,), generator=g)
+        yield (torch.randint(0, 256, (8, 1, 2, 2), generator=g, dtype=torch.uint8),
+               torch.randint(0, 3, (8,), generator=g))
 
 
 def train(run_dir, die_at: int | None = None) -> None:

@@ -10,7 +10,8 @@ from bigmodel.transfer.fewshot import FewShot, sample_shots
 
 
 def _labels() -> torch.Tensor:
-    return torch.tensor([c for c in range(5) for _ in range(8 + c)])[torch.randperm(50, generator=torch.Generator().manual_seed(1))]
+    return torch.tensor([c for c in range(5) for _ in range(8 + c)])[
+        torch.randperm(50, generator=torch.Generator().manual_seed(1))]
 
 
 @pytest.mark.parametrize("k", [1, 5, 8])

@@ -47,7 +47,8 @@ def test_k_equal_to_the_training_set_is_allowed_and_one_more_is_not():
 
 
 @pytest.mark.parametrize("targets, message", [
-    (torch.zeros(10, dtype=torch.long), "the task's training split has only class 0; a transfer protocol needs at least 2 classes"),
+    (torch.zeros(10, dtype=torch.long),
+     "the task's training split has only class 0; a transfer protocol needs at least 2 classes"),
     (torch.full((10,), -1), "the task's training split has no labelled images; transfer needs class labels"),
 ])
 def test_a_task_with_one_class_or_no_labels_is_refused(targets, message):
