@@ -84,6 +84,7 @@ def test_a_registry_imports_its_package_on_first_lookup(tmp_path, monkeypatch) -
         monkeypatch.delitem(sys.modules, name)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and every component (6 s); `make test-all`
 def test_the_registries_fill_themselves_in_a_fresh_process() -> None:
     """Validating a recipe in a process that imported only the recipe module finds every component."""
     code = ("import sys; from bigmodel.recipe import resolve; r = resolve('simclr-vit', ['run.tiny=true']); "

@@ -22,6 +22,7 @@ def _files(out: Path, name: str) -> dict[str, bytes]:
     return {p: (run / p).read_bytes() for p in ("metrics.jsonl", "report.json")}
 
 
+@pytest.mark.slow  # four tiny runs with their transfer rows (10 s); `make test-all`
 def test_sweep_runs_the_grid_compares_and_resumes(tmp_path) -> None:
     out = tmp_path / "sweep"
     args = ["run.tiny=true", "optim.steps=4,5,6", TRANSFER, "run.figures=false"]

@@ -73,6 +73,7 @@ def test_quickstart_reproduces_its_golden_losses(tmp_path) -> None:
     assert_golden("quickstart", tmp_path / "qs")
 
 
+@pytest.mark.slow  # a bf16 training run (7 s); `make test-all`
 def test_bf16_autocast_trains(tmp_path) -> None:
     """run.precision=bf16 runs the step under bf16 autocast and learns: over 20 tiny quickstart
     steps its loss starts where fp32's does (same seed, same batches) and falls by at least half
