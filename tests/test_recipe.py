@@ -38,23 +38,23 @@ def test_error_found_only_when_building_is_still_a_recipe_error(tmp_path, monkey
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "kind"),
     [
-        ["architecture.patchsize=4"],  # unknown key
-        ["optim.batch_size=many"],  # wrong type
-        ["objective.name=no-such-objective"],  # unknown component (byol is registered now)
-        ["optim.warmup_steps=-3"],  # out of range
-        ["data.path=/nonexistent.npz", "data.name=npz"],  # missing file, found when building
+        (["architecture.patchsize=4"], "recipe"),  # unknown key
+        (["optim.batch_size=many"], "recipe"),  # wrong type
+        (["objective.name=no-such-objective"], "recipe"),  # unknown component (byol is registered now)
+        (["optim.warmup_steps=-3"], "recipe"),  # out of range
+        (["data.path=/nonexistent.npz", "data.name=npz"], "data"),  # missing file, found when building
     ],
 )
-def test_cli_exit_2_one_line_nothing_written(tmp_path, monkeypatch, capsys, args: list[str]) -> None:
+def test_cli_exit_2_one_line_nothing_written(tmp_path, monkeypatch, capsys, args: list[str], kind: str) -> None:
     """Through the CLI's entry point (in-process: a subprocess per case would only add start-up time;
-    tests/test_cli.py covers the real subprocess)."""
+    tests/test_cli.py covers the real subprocess). The line names the kind of input at fault."""
     monkeypatch.chdir(tmp_path)
     assert main(["run", *args, f"run.out={tmp_path / 'run'}"]) == 2
     captured = capsys.readouterr()
     lines = [ln for ln in captured.err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("recipe error: "), captured.err
+    assert len(lines) == 1 and lines[0].startswith(f"{kind} error: "), captured.err
     assert captured.out == ""
     assert list(tmp_path.iterdir()) == []
 

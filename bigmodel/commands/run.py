@@ -23,6 +23,7 @@ from bigmodel.analysis import flops
 from bigmodel.analysis import report as run_report
 from bigmodel.commands.pretrain import pretrain
 from bigmodel.commands.report import draw_figures
+from bigmodel.errors import InputError
 from bigmodel.recipe import (
     Recipe,
     RecipeError,
@@ -161,6 +162,8 @@ def run_pipeline(recipe: Recipe, console: Console | None = None, transfer: bool 
         distributed.check(recipe, model)  # batch vs process count, activation checkpointing: before run.out is touched
         if transfer:
             suites.check(recipe.transfer)  # e.g. kNN k above the task's images: refused before pretraining
+    except InputError:  # a missing data file (DataError) says so itself
+        raise
     except (ValueError, FileNotFoundError) as e:  # problems only building reveals, still before any write
         raise RecipeError(str(e)) from e
     with open_run(recipe, console) as run_dir:  # run.out checked and locked; recipe.yaml saved

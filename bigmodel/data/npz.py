@@ -26,6 +26,7 @@ from pydantic import Field
 
 from bigmodel.data.base import TensorImages, expand_path, from_numpy
 from bigmodel.data.download import missing_hint
+from bigmodel.errors import DataError
 from bigmodel.registry import DATASETS
 
 SPLITS = ("train", "test")
@@ -50,7 +51,7 @@ def npz(
     """
     file = expand_path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"npz path={path!r}: {missing_hint(path)}")
+        raise DataError(f"npz path={path!r}: {missing_hint(path)}")
     with _open(file) as arrays:
         x = _read(arrays, file, f"x_{split}")
         y = classes = None

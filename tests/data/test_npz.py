@@ -12,6 +12,7 @@ import torch
 
 from bigmodel.data.base import channels_first, expand_path, shared_data, user_data
 from bigmodel.data.npz import npz
+from bigmodel.errors import DataError
 
 Y = np.arange(20) % 10
 
@@ -127,7 +128,7 @@ def test_shared_data_placeholder_and_missing_file(tmp_path: Path, monkeypatch):
     _write(tmp_path / "m.npz")
     monkeypatch.chdir("/")
     assert len(npz("$BIGMODEL_SHARED_DATA/m.npz")) == 20
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(DataError) as err:
         npz("$BIGMODEL_SHARED_DATA/nope.npz")
     assert str(err.value) == (f"npz path='$BIGMODEL_SHARED_DATA/nope.npz': no such file; "
                               f"looked for {tmp_path / 'nope.npz'} "
@@ -168,11 +169,11 @@ def test_a_file_in_no_data_folder_says_how_to_get_it(tmp_path: Path, monkeypatch
     monkeypatch.setenv("BIGMODEL_DATA", str(tmp_path / "a"))
     monkeypatch.setenv("BIGMODEL_SHARED_DATA", str(tmp_path / "b"))
     folders = f"($BIGMODEL_DATA={tmp_path / 'a'}, $BIGMODEL_SHARED_DATA={tmp_path / 'b'})"
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(DataError) as err:
         npz("$BIGMODEL_DATA/cifar100.npz")
     assert str(err.value) == (f"npz path='$BIGMODEL_DATA/cifar100.npz': cifar100.npz is in no data folder {folders}; "
                               f"get it with: bigmodel data get cifar100")
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(DataError) as err:
         npz("$BIGMODEL_DATA/mine.npz")
     assert str(err.value) == (f"npz path='$BIGMODEL_DATA/mine.npz': mine.npz is in no data folder {folders}; "
                               f"put it in {tmp_path / 'a'}, or set BIGMODEL_DATA to the folder that has it")
@@ -188,7 +189,7 @@ def test_a_zoo_recipe_without_its_data_prints_the_get_command(tmp_path: Path, mo
     monkeypatch.chdir(tmp_path)
     assert cli.main(["run", "simclr-resnet", "run.tiny=true"]) == 2
     assert capsys.readouterr().err == (
-        f"recipe error: npz path='$BIGMODEL_DATA/mnist.npz': mnist.npz is in no data folder "
+        f"data error: npz path='$BIGMODEL_DATA/mnist.npz': mnist.npz is in no data folder "
         f"($BIGMODEL_DATA={tmp_path / 'a'}, $BIGMODEL_SHARED_DATA={tmp_path / 'b'}); "
         f"get it with: bigmodel data get mnist\n")
     assert list(tmp_path.iterdir()) == []
