@@ -75,13 +75,14 @@ def probe_and_compare(net: Backbone, twin: Backbone, train: TensorImages, test: 
 
 
 def table(rows: list[dict[str, Any]], sim: dict[str, Any]) -> Table:
-    """One line per block: probe accuracy pretrained / twin, and CKA with the other backbone's block
-    at the same depth (the diagonal, where both have that block)."""
+    """One line per block: probe accuracy pretrained / twin, the raw-pixel probe (the same on every
+    line: does the block beat its input?), and CKA with the other backbone's block at the same depth
+    (the diagonal, where both have that block)."""
     t = Table(title=f"per-block linear probe · CKA vs {sim['b']} (same block)")
-    for col in ("block", "pretrained %", "random-init %", f"CKA vs {sim['b']}"):
+    for col in ("block", "pretrained %", "random-init %", "pixels %", f"CKA vs {sim['b']}"):
         t.add_column(col, justify="left" if col == "block" else "right")
     for i, r in enumerate(rows):
         diag = sim["cka"][i][i] if i < len(sim["cols"]) else None
-        t.add_row(r["block"], f"{r['pretrained']:.2f}", f"{r['random_init']:.2f}",
+        t.add_row(r["block"], f"{r['pretrained']:.2f}", f"{r['random_init']:.2f}", f"{r['pixels']:.2f}",
                   "" if diag is None else f"{diag:.3f}")
     return t

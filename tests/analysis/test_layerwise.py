@@ -256,3 +256,24 @@ def test_a_wrapped_title_keeps_its_parenthesis_on_one_line() -> None:
     assert fig.axes[0].get_title().split("\n") == ["vit × supervised: linear probe per block, digits",
                                                    "(60\u00a0train\u00a0/\u00a060\u00a0test)"]
     plt.close(fig)
+
+
+def test_the_analyze_table_shows_the_pixel_probe_beside_every_block():
+    """The console table of ``bigmodel analyze``: per block, pretrained / random-init / raw-pixel probe
+    and the CKA diagonal, as the JSON rows hold them."""
+    import io
+
+    from rich.console import Console
+
+    from bigmodel.analysis.analyze import table
+
+    rows = [{"block": "block1", "pretrained": 88.6667, "random_init": 82.2222, "pixels": 97.1111},
+            {"block": "block2", "pretrained": 90.2222, "random_init": 84.4444, "pixels": 97.1111}]
+    sim = {"b": "random_init", "cols": ["block1", "block2"], "cka": [[0.23, 0.1], [0.1, 0.258]]}
+    out = io.StringIO()
+    Console(file=out, width=120).print(table(rows, sim))
+    text = out.getvalue().splitlines()
+    header = [c.strip() for c in next(ln for ln in text if ln.startswith("┃")).split("┃")[1:-1]]
+    body = [[c.strip() for c in ln.split("│")[1:-1]] for ln in text if ln.startswith("│")]
+    assert header == ["block", "pretrained %", "random-init %", "pixels %", "CKA vs random_init"]
+    assert body == [["block1", "88.67", "82.22", "97.11", "0.230"], ["block2", "90.22", "84.44", "97.11", "0.258"]]
