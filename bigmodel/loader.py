@@ -155,7 +155,7 @@ def _pretraining(found: Path, meta: dict[str, Any]) -> Pretrained:
         raise CheckpointError(f"{found}: its recipe no longer validates: {e}") from None
     cls = OBJECTIVES.get(recipe.objective.name)
     num_classes = _num_classes(found, meta, required=False)
-    model = cls(backbone=build.backbone(recipe.architecture), num_classes=num_classes, **recipe.objective.kwargs)
+    model = build.objective_for(recipe, build.backbone(recipe.architecture), num_classes)
     checkpoint.load_weights(found, model)
     head = getattr(model, "head", None)
     labelled = cls.needs_labels and isinstance(head, nn.Linear)

@@ -128,5 +128,5 @@ def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
 
 ARCHITECTURES = Registry("architecture", package="bigmodel.architectures")
 DATASETS = Registry("dataset", context=("split",), package="bigmodel.data")
-OBJECTIVES = Registry("objective", context=("backbone", "num_classes"), package="bigmodel.objectives")
+OBJECTIVES = Registry("objective", context=("backbone", "num_classes", "total_steps"), package="bigmodel.objectives")
 PROTOCOLS = Registry("transfer protocol", context=("pretrained", "task"), package="bigmodel.transfer")

@@ -90,8 +90,8 @@ class BYOL(Objective):
     proj_dim: output width of both (256 in the paper).
     tau_base: the target's momentum at the first step (0.996 in the paper for 1000 ImageNet
         epochs; 0.99 suits runs of a few thousand steps).
-    momentum_steps: K of the cosine schedule: set it to the run's ``optim.steps`` (the objective
-        does not see the optimizer's settings); from step K on the target stays fixed (τ = 1).
+    momentum_steps: K of the cosine schedule; default (null): the run's ``optim.steps``, which the
+        framework passes as ``total_steps``. From step K on the target stays fixed (τ = 1).
     crop_scale, crop_ratio, flip_prob: the random resized crop and flip of both views.
     color_strength: s of ColorJitter(0.8s, 0.8s, 0.4s, 0.2s) (the paper's 0.4, 0.4, 0.2, 0.1 at
         s = 0.5); on grey images only brightness and contrast apply.
@@ -109,7 +109,8 @@ class BYOL(Objective):
         proj_hidden: Annotated[int, Field(ge=1)] = 1024,
         proj_dim: Annotated[int, Field(ge=1)] = 256,
         tau_base: Fraction = 0.99,
-        momentum_steps: Annotated[int, Field(ge=1)] = 1000,
+        momentum_steps: Annotated[int, Field(ge=1)] | None = None,
+        total_steps: int = 1000,
         crop_scale: tuple[Fraction, Fraction] = (0.08, 1.0),
         crop_ratio: tuple[Positive, Positive] = (3 / 4, 4 / 3),
         flip_prob: Fraction = 0.5,
@@ -131,7 +132,7 @@ class BYOL(Objective):
         self.target = nn.ModuleDict({"backbone": copy.deepcopy(backbone), "projector": copy.deepcopy(self.projector)})
         self.target.requires_grad_(False)
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))  # EMA updates taken so far
-        self.tau_base, self.momentum_steps = tau_base, momentum_steps
+        self.tau_base, self.momentum_steps = tau_base, momentum_steps or total_steps
         self.crop_scale, self.crop_ratio, self.flip_prob = tuple(crop_scale), tuple(crop_ratio), flip_prob
         s = color_strength
         self.jitter = {"brightness": 0.8 * s, "contrast": 0.8 * s, "saturation": 0.4 * s, "hue": 0.2 * s,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -29,7 +30,17 @@ def backbone(spec: Component) -> Backbone:
 
 def objective(recipe: Recipe, net: Backbone, data: ImageDataset) -> Objective:
     check_labels(recipe, data)
-    return OBJECTIVES.get(recipe.objective.name)(backbone=net, num_classes=data.num_classes, **recipe.objective.kwargs)
+    return objective_for(recipe, net, data.num_classes)
+
+
+def objective_for(recipe: Recipe, net: Backbone, num_classes: int) -> Objective:
+    """The recipe's objective around ``net``, given the framework's context: the backbone, the class
+    count and, to an objective that declares it, ``total_steps`` (the run length, e.g. the length of
+    an EMA momentum schedule). Pretraining and the loader both build through here."""
+    cls = OBJECTIVES.get(recipe.objective.name)
+    context = {"backbone": net, "num_classes": num_classes, "total_steps": recipe.optim.steps}
+    takes = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in context.items() if k in takes}, **recipe.objective.kwargs)
 
 
 def check_labels(recipe: Recipe, data: ImageDataset) -> None:

@@ -276,3 +276,16 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path, strategy):
     losses = [[json.loads(ln)["loss"] for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
               for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # the mean over the ranks is the loss of one process
+
+
+def test_the_momentum_schedule_spans_the_run_unless_set():
+    """Without ``momentum_steps`` the cosine spans the run's ``optim.steps`` (the framework passes it as
+    ``total_steps``, to pretraining and to the loader alike); a recipe value wins. Changing
+    ``optim.steps`` alone no longer leaves the schedule at another length."""
+    objective = {k: v for k, v in DIST["objective"].items() if k != "momentum_steps"}
+    for steps, given, expected in ((7, None, 7), (30, None, 30), (30, 3, 3)):
+        section = {**objective, **({"momentum_steps": given} if given else {})}
+        r = validate({**DIST, "objective": section, "optim": {**DIST["optim"], "steps": steps}})
+        model = build.objective_for(r, build.backbone(r.architecture), 0)
+        assert model.momentum_steps == expected
+        assert model.momentum(expected) == 1.0 and model.momentum(0) == 0.9
