@@ -196,9 +196,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
             boundary = ckpt_dir is not None and (done % loop.checkpoint_every == 0 or stopping)
             logging = done % loop.log_every == 0 or boundary or done == loop.steps
             if logging or scalars is not None:  # several processes agree on every step's scalars
-                first = (scalars, done) if scalars is not None else None
                 scalars = scalars or {k: float(v) for k, v in out.items()}  # one process: the only host sync
-                check_finite(*(first or watch.first(done, scalars)), ckpt_dir, loop)
+                check_finite(*(watch.first(done, scalars) if loop.world == 1 else (scalars, done)), ckpt_dir, loop)
             if logging:
                 now = time.perf_counter()
                 scalars["images_per_s"] = images_seen / max(now - t_last, 1e-9)

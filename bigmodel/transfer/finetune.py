@@ -195,7 +195,7 @@ class Finetune(Protocol):
         identity = self.identity(backbone, train, seed, s)
         run_dir = self._run_dir(identity)
         log_every = max(1, s.steps // 20)
-        loop = Loop(steps=s.steps, seed=seed, grad_clip=self.grad_clip, dtype=_autocast_dtype(self.precision, dev),
+        loop = Loop(steps=s.steps, seed=seed, grad_clip=self.grad_clip, dtype=autocast_dtype(self.precision, dev),
                     run_dir=run_dir, checkpoint_every=self.checkpoint_every or max(1, s.steps // 10),
                     log_every=log_every, stop_on_signal=False, label="finetune", lr_key="finetune lr",
                     meta={"finetune": identity, **rebuild_meta(backbone, train)})
@@ -239,7 +239,7 @@ class Finetune(Protocol):
     def predict_proba(self, model: Classifier, test: TensorImages) -> torch.Tensor:
         """Class probabilities ``(N, num_classes)`` (float32, CPU) on whole test images."""
         dev = next(model.parameters()).device
-        dtype = _autocast_dtype(self.precision, dev)
+        dtype = autocast_dtype(self.precision, dev)
         out = []
         for i in range(0, len(test), self.eval_batch_size):
             x = model.test_input(test.images[i:i + self.eval_batch_size]).to(dev)
@@ -289,7 +289,3 @@ def _digest(*tensors: torch.Tensor, names: list[str] | None = None) -> str:
         h.update(f"{names[i] if names else i}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
-    return autocast_dtype(precision, dev)
