@@ -249,5 +249,8 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def _sha256(path: Path) -> str:
+    h = hashlib.sha256()  # read in blocks (hashlib.file_digest needs Python 3.11; we support 3.10)
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
