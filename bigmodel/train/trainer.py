@@ -159,7 +159,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
     checkpoint in ``loop.run_dir`` (0 without one). ``batches_fn(start)`` yields ``(uint8 images
     (B, C, H, W), labels (B,))`` per step (this rank's rows); ``lr_fn(step)`` sets every parameter
     group's lr. ``net`` is the module a step runs (``model`` wrapped by DDP or FSDP2; default
-    ``model``, which draws the views). With ``loop.world > 1`` every rank calls this, and the ranks
+    ``model``, which draws the views). A parameter group with an ``lr_scale`` (layer-wise lr decay)
+    gets ``lr_fn(step) · lr_scale``. With ``loop.world > 1`` every rank calls this, and the ranks
     agree after each step on the mean scalars and on stopping.
 
     Returns ``{"steps_done", "stopped", "history"}``: ``history`` holds the records logged by this
@@ -183,7 +184,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
     with progress as bar, stop_ctx as stop, distributed.data_parallel(loop.world):
         for step, (images, labels) in enumerate(batches_fn(start), start):
             for group in opt.param_groups:
-                group["lr"] = lr_fn(step)
+                group["lr"] = lr_fn(step) * group.get("lr_scale", 1.0)
             gen = torch.Generator().manual_seed(loop.seed * 1_000_003 + step)
             views = distributed.rank_views(model, images, gen, loop.rank, loop.world, loop.accum_steps)
             views = [v.to(dev, non_blocking=True) for v in views]
