@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from bigmodel.errors import ExportError
@@ -26,9 +27,11 @@ CAUSAL = "causal"
 
 
 class Backbone(nn.Module):
-    """Base class. Subclasses set ``feature_dim``, ``in_chans``, ``image_size``."""
+    """Base class. Subclasses set ``feature_dim``, ``in_chans``, ``image_size``, and ``family``
+    (which fine-tuning defaults suit them: see :data:`bigmodel.transfer.finetune.FAMILY_DEFAULTS`)."""
 
     provides: ClassVar[frozenset[str]] = frozenset()
+    family: str = "convnet"  # "convnet", "transformer" or "recurrent"
     feature_dim: int
     in_chans: int
     image_size: int
@@ -65,6 +68,32 @@ class Backbone(nn.Module):
         describe. The pooled features by default; a backbone whose features stop early (iGPT's
         ``feature_layer``) runs the rest too."""
         return self(x)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any] | None:
+        """timm's layer grouping (``VisionTransformer.group_matcher``): regexes over parameter names,
+        ``stem`` (embeddings, layer 0) and ``blocks`` (one layer per block; the final norm last), read
+        by ``timm.optim.param_groups_layer_decay`` for layer-wise lr decay. ``None``: no layers."""
+        return None
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters fine-tuning never decays (position embeddings, class tokens); 1-D
+        parameters (biases, norms) are never decayed either."""
+        return set()
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth over the residual blocks (timm's ``Block``: ``drop_path1``/``drop_path2``),
+        rising linearly from 0 at the first block to ``rate`` at the last, as timm builds it.
+
+        Raises:
+            ValueError: ``rate > 0`` and the backbone has no such blocks.
+        """
+        blocks = [m for m in self.modules() if hasattr(m, "drop_path1") and hasattr(m, "drop_path2")]
+        if rate > 0 and not blocks:
+            raise ValueError(f"drop_path={rate}: {type(self).__name__} has no transformer blocks to drop")
+        for i, block in enumerate(blocks):
+            r = rate * i / max(1, len(blocks) - 1)
+            block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
+            block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -15,7 +15,7 @@ the final layer.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,7 @@ class IGPT(SequenceModel):
     """
 
     provides = frozenset({CAUSAL})
+    family = "transformer"
 
     def __init__(
         self,
@@ -127,6 +128,15 @@ class IGPT(SequenceModel):
         for block in self.blocks:
             x = block(x, is_causal=True)
         return self.norm(x)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Embeddings, then the ``feature_layer`` blocks the features pass through, one layer each;
+        the blocks after them (unused by the features) and the norm go last, with the head."""
+        used = "|".join(str(i) for i in range(self.feature_layer))
+        return {"stem": r"^(?:token_embed|start_token|pos_embed)", "blocks": [(rf"^blocks\.({used})\.", None)]}
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "start_token"}
 
     def forward_full(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` → every block's output, normed, ``(B, T, D)`` (what pretraining runs)."""

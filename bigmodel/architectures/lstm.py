@@ -47,6 +47,8 @@ class LSTM(SequenceModel):
         colours: palette size of the causal token model (unused otherwise).
     """
 
+    family = "recurrent"
+
     def __init__(
         self,
         image_size: Annotated[int, Field(ge=1)] = 32,

@@ -186,6 +186,23 @@ class TimmBackbone(Backbone):
             self.patch_size = self.model.patch_embed.patch_size[0]
             self.num_patches = self.model.patch_embed.num_patches
         self._no_tokens = info.tokens
+        # attention blocks (ViT, DeiT, Swin...) fine-tune as transformers; the rest as convnets
+        self.family = "transformer" if any(hasattr(m, "attn") for m in self.model.modules()) else "convnet"
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any] | None:
+        """The timm model's own grouping (where it has one) under our ``model.`` prefix."""
+        if not hasattr(self.model, "group_matcher"):
+            return None
+
+        def prefixed(pattern: str) -> str:  # re.match anchors each pattern at the start already
+            return r"model\.(?:" + pattern.removeprefix("^").replace("|^", "|") + ")"
+
+        return {group: [(prefixed(p), suffix) for p, suffix in spec] if isinstance(spec, list | tuple)
+                else prefixed(spec) for group, spec in self.model.group_matcher(coarse).items() if spec is not None}
+
+    def no_weight_decay(self) -> set[str]:
+        names = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
+        return {f"model.{n}" for n in names}
 
     @classmethod
     def capabilities(cls, **cfg: Any) -> set[str]:

@@ -84,6 +84,7 @@ class ViT(Backbone):
     """
 
     provides = frozenset({TOKENS})
+    family = "transformer"
 
     def __init__(
         self,
@@ -118,6 +119,14 @@ class ViT(Backbone):
             self.moe_blocks = make_sparse(self.vit.blocks, moe)
             if not self.moe_blocks:
                 raise ValueError(f"architecture.moe.every={moe.every} exceeds the depth ({depth}): no MoE block")
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's ViT grouping under our ``vit.`` prefix: embeddings, then each block, the final norm last."""
+        return {"stem": r"^vit\.(?:cls_token|pos_embed|patch_embed|norm_pre)",
+                "blocks": [(r"^vit\.blocks\.(\d+)", None), (r"^vit\.norm", (99999,))]}
+
+    def no_weight_decay(self) -> set[str]:
+        return {"vit.pos_embed", "vit.cls_token"}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` → tokens ``(B, 1 + N, D)`` (class token first), normed."""

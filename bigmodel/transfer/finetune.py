@@ -27,6 +27,14 @@ schedules of a few hundred steps near chance), flips (off: a mirrored digit or l
 symbol) and the test view (``test_crop``: the centre of the image resized as in training, so objects
 keep the training scale, as FixRes argues; BiT tests on the whole image at the crop size). The
 measurements behind them are in ``benchmarks/results/finetune_lr.md``.
+
+BiT's SGD suits its ResNets; transformers fine-tune the way MAE (He et al., 2022, appendix A.1) and
+BEiT (Bao et al., 2022) do: AdamW, layer-wise lr decay (block ``i`` of ``L`` at ``lr · decay^(L+1-i)``,
+timm's ``param_groups_layer_decay`` over the backbone's ``group_matcher``), weight decay 0.05 on the
+matrices only, stochastic depth, gradient clipping. :data:`FAMILY_DEFAULTS` holds each family's
+defaults (``Backbone.family``) in one place; every key is a protocol setting, so a recipe or ``--set``
+overrides it. The schedule (length, warm-up, decay steps, MixUp, resolution) is BiT-HyperRule's for
+every family. Measurements: ``benchmarks/results/finetune_families.md``.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import numpy as np
 import torch
 from pydantic import Field
 from rich.console import Console
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
 from bigmodel.architectures.base import Backbone
 from bigmodel.data.base import TensorImages
@@ -63,6 +72,16 @@ REGIMES = ((20_000, "small", 500, 100, (200, 300, 400)),
            (math.inf, "large", 20_000, 500, (6_000, 12_000, 18_000)))
 BASE_LR, BASE_BATCH = 0.003, 512  # BiT's learning rate at its batch size
 DEFAULT_BASE_LR = 0.4  # this protocol's default at batch 512 (0.1 at 128): benchmarks/results/finetune_lr.md
+# Each backbone family's optimiser defaults (``Backbone.family``), chosen by measurement
+# (benchmarks/results/finetune_families.md); ``base_lr`` is the peak learning rate at batch 512.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "convnet": {"optimizer": "sgd", "base_lr": DEFAULT_BASE_LR, "weight_decay": 0.0, "layer_decay": 1.0,
+                "drop_path": 0.0, "grad_clip": None},
+    "transformer": {"optimizer": "adamw", "base_lr": 2e-3, "weight_decay": 0.05, "layer_decay": 0.75,
+                    "drop_path": 0.1, "grad_clip": 1.0},
+    "recurrent": {"optimizer": "adamw", "base_lr": 2e-3, "weight_decay": 0.05, "layer_decay": 1.0,
+                  "drop_path": 0.0, "grad_clip": 1.0},
+}
 MIXUP_FROM, MIXUP_ALPHA = 20_000, 0.1
 SMALL_AREA = 96 * 96
 RESIZE_SMALL, RESIZE_LARGE = 160 / 128, 512 / 480
@@ -103,16 +122,24 @@ class Finetune(Protocol):
     steps: schedule length (published: 500 / 10k / 20k by task size).
     schedule_scale: multiplies the schedule length, warm-up and decay steps (e.g. 0.1 for a CPU run).
     batch_size: images per step (published: 512).
-    base_lr: learning rate at batch 512, scaled linearly with ``batch_size`` (BiT: 0.003, which
-        leaves short schedules at chance: see benchmarks/results/finetune_lr.md).
+    optimizer: ``sgd`` (BiT) or ``adamw`` (MAE/BEiT; betas 0.9, 0.999); the family's by default
+        (:data:`FAMILY_DEFAULTS`, like every key below whose default says "family").
+    base_lr: learning rate at batch 512, scaled linearly with ``batch_size`` (family; convnets 0.4:
+        BiT's 0.003 leaves short schedules at chance, see benchmarks/results/finetune_lr.md).
     lr: peak learning rate (default: base_lr · batch_size / 512).
     warmup_steps: linear warm-up steps.
     decay_at: fractions of training at which the learning rate drops ×0.1 (published: steps
         200/300/400 of 500, 3k/6k/9k of 10k, 6k/12k/18k of 20k).
     mixup_alpha: MixUp's α, 0 = off (published: 0.1 from 20k training images).
     momentum: SGD momentum.
-    weight_decay: SGD weight decay (BiT: none).
-    grad_clip: clip the global gradient norm (BiT: none).
+    weight_decay: weight decay (family; BiT: none); AdamW decays matrices only, not biases, norms,
+        position embeddings or class tokens.
+    layer_decay: layer-wise lr decay (family; 1 = off): the head trains at ``lr``, the top block
+        (with the final norm) at ``lr · layer_decay``, each block below at ``layer_decay`` times the
+        one above, the embeddings last. Needs a
+        backbone that groups its layers (``Backbone.group_matcher``: ViT, iGPT, timm transformers).
+    drop_path: stochastic depth over the transformer blocks during fine-tuning (family).
+    grad_clip: clip the global gradient norm (family; BiT: none).
     resize: training resize side before the random crop (published: image_size · 160/128).
     flip: random horizontal flips in training (BiT flips every task; off by default here: a
         mirrored digit or letter is another symbol; turn on for natural images).
@@ -136,13 +163,16 @@ class Finetune(Protocol):
         steps: Annotated[int, Field(ge=1)] | None = None,
         schedule_scale: Annotated[float, Field(gt=0)] = 1.0,
         batch_size: Annotated[int, Field(ge=1)] = BASE_BATCH,
-        base_lr: Annotated[float, Field(gt=0)] = DEFAULT_BASE_LR,
+        base_lr: Annotated[float, Field(gt=0)] | None = None,
         lr: Annotated[float, Field(gt=0)] | None = None,
         warmup_steps: Annotated[int, Field(ge=0)] | None = None,
         decay_at: tuple[Annotated[float, Field(ge=0, le=1)], ...] | None = None,
         mixup_alpha: Annotated[float, Field(ge=0)] | None = None,
         momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9,
-        weight_decay: Annotated[float, Field(ge=0)] = 0.0,
+        optimizer: Literal["sgd", "adamw"] | None = None,
+        weight_decay: Annotated[float, Field(ge=0)] | None = None,
+        layer_decay: Annotated[float, Field(gt=0, le=1)] | None = None,
+        drop_path: Annotated[float, Field(ge=0, lt=1)] | None = None,
         grad_clip: Annotated[float, Field(gt=0)] | None = None,
         resize: Annotated[int, Field(ge=1)] | None = None,
         flip: bool = False,
@@ -162,7 +192,10 @@ class Finetune(Protocol):
         self.decay_at = None if decay_at is None else tuple(decay_at)
         self.mixup_alpha = mixup_alpha
         self.momentum = momentum
+        self.optimizer = optimizer
         self.weight_decay = weight_decay
+        self.layer_decay = layer_decay
+        self.drop_path = drop_path
         self.grad_clip = grad_clip
         self.resize = resize
         self.flip = flip
@@ -173,13 +206,22 @@ class Finetune(Protocol):
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
 
-    def schedule(self, num_train_examples: int, image_size: int, source_size: int) -> Schedule:
-        """:func:`hyperrule` for the task, with this protocol's overrides applied."""
-        s = hyperrule(num_train_examples, self.batch_size, image_size, source_size, base_lr=self.base_lr,
+    def optimiser_settings(self, family: str = "convnet") -> dict[str, Any]:
+        """The optimiser keys for a backbone of ``family``: :data:`FAMILY_DEFAULTS`, then every key this
+        protocol was given (a grad_clip given as ``None`` is the family's: give a large one to turn it off)."""
+        defaults = FAMILY_DEFAULTS[family]
+        return {k: defaults[k] if getattr(self, k) is None else getattr(self, k) for k in defaults}
+
+    def schedule(self, num_train_examples: int, image_size: int, source_size: int,
+                 family: str = "convnet") -> Schedule:
+        """:func:`hyperrule` for the task, with this protocol's overrides and ``family``'s defaults applied."""
+        opt = self.optimiser_settings(family)
+        base_lr, weight_decay = opt["base_lr"], opt["weight_decay"]
+        s = hyperrule(num_train_examples, self.batch_size, image_size, source_size, base_lr=base_lr,
                       steps=self.steps, schedule_scale=self.schedule_scale, decay_at=self.decay_at)
         given = {"lr": self.lr, "warmup_steps": self.warmup_steps, "mixup_alpha": self.mixup_alpha,
                  "resize": self.resize}
-        s = dataclasses.replace(s, momentum=self.momentum, weight_decay=self.weight_decay,
+        s = dataclasses.replace(s, momentum=self.momentum, weight_decay=weight_decay,
                                 **{k: v for k, v in given.items() if v is not None})
         if s.resize < s.crop:
             raise ValueError(f"finetune: resize={s.resize} is smaller than the crop ({s.crop})")
@@ -191,12 +233,14 @@ class Finetune(Protocol):
         ``checkpoint_dir`` when it holds this fine-tune); returns the model (eval mode) and its schedule."""
         seed = self.seed if seed is None else seed
         dev = next(backbone.parameters()).device
-        s = self.schedule(len(train), backbone.image_size, train.image_size)
+        s = self.schedule(len(train), backbone.image_size, train.image_size, backbone.family)
+        opt_settings = self.optimiser_settings(backbone.family)
         identity = self.identity(backbone, train, seed, s)
         run_dir = self._run_dir(identity)
         log_every = max(1, s.steps // 20)
-        loop = Loop(steps=s.steps, seed=seed, grad_clip=self.grad_clip, dtype=autocast_dtype(self.precision, dev),
-                    run_dir=run_dir, checkpoint_every=self.checkpoint_every or max(1, s.steps // 10),
+        dtype = autocast_dtype(self.precision, dev)
+        loop = Loop(steps=s.steps, seed=seed, grad_clip=opt_settings["grad_clip"], dtype=dtype, run_dir=run_dir,
+                    checkpoint_every=self.checkpoint_every or max(1, s.steps // 10),
                     log_every=log_every, stop_on_signal=False, label="finetune", lr_key="finetune lr",
                     meta={"finetune": identity, **rebuild_meta(backbone, train)})
         if run_dir is not None:
@@ -204,7 +248,8 @@ class Finetune(Protocol):
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)  # stochastic depth and the like draw from the global RNG
             model = Classifier(copy.deepcopy(backbone), train.num_classes, s, self.flip, self.test_crop).to(dev).train()
-            opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+            model.backbone.set_drop_path(opt_settings["drop_path"])
+            opt = optimiser(model, s, opt_settings)
             out = fit(model, opt, s.lr_at, lambda start: batches(train, s.batch_size, seed, start, s.steps), loop,
                       console or Console())
         records = read_metrics(run_dir / "metrics.jsonl") if run_dir is not None else out["history"]
@@ -220,6 +265,7 @@ class Finetune(Protocol):
         starting weights (a hash of the backbone's state dict: the source checkpoint)."""
         settings = {k: v for k, v in vars(self).items() if k not in ("checkpoint_dir", "checkpoint_every",
                                                                       "eval_batch_size")}
+        settings.update(self.optimiser_settings(backbone.family), family=backbone.family)
         state = sorted(backbone.state_dict().items())
         identity = {"schedule": s.as_dict(), **settings, "seed": seed,
                     "task": {"num_classes": train.num_classes, "classes": [str(c) for c in train.classes or []],
@@ -251,7 +297,27 @@ class Finetune(Protocol):
         model, s = self.fit(backbone, train)
         pred = self.predict_proba(model, test).argmax(1)
         return {"top1": 100.0 * (pred == test.targets).float().mean().item(), "train_loss": model.train_loss,
-                "schedule": s.as_dict()}
+                "schedule": s.as_dict(),
+                "optimizer": {"family": backbone.family, **self.optimiser_settings(backbone.family)}}
+
+
+def optimiser(model: Classifier, s: Schedule, settings: dict[str, Any]) -> torch.optim.Optimizer:
+    """SGD over every weight (BiT), or AdamW over parameter groups: the backbone's layers with their
+    ``lr_scale`` (layer-wise decay, which :func:`bigmodel.train.trainer.fit` applies) and weight decay
+    on matrices only, the head at the full learning rate."""
+    if settings["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    bb, decay = model.backbone, settings["layer_decay"]
+    if decay < 1 and bb.group_matcher() is None:
+        raise ValueError(f"finetune: layer_decay={decay} needs a backbone whose layers are grouped "
+                         f"({type(bb).__name__} has none); set layer_decay: 1")
+    skip = bb.no_weight_decay()
+    groups = (param_groups_layer_decay(bb, s.weight_decay, skip, layer_decay=decay) if decay < 1
+              else param_groups_weight_decay(bb, s.weight_decay, skip))
+    for g in groups:  # timm scales the top layer by 1; the head is one layer above it (MAE's layer ids)
+        g["lr_scale"] = g.get("lr_scale", 1.0) * decay
+    groups += [{**g, "lr_scale": 1.0} for g in param_groups_weight_decay(model.head, s.weight_decay)]
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
 
 
 def rebuild_meta(backbone: Backbone, train: TensorImages) -> dict[str, Any]:

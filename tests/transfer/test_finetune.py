@@ -4,6 +4,7 @@ progress line, checkpoints, resume)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -294,3 +295,104 @@ def test_a_checkpoint_recording_another_finetune_is_refused_not_resumed(tiny_mlp
         protocol.fit(tiny_mlp(), train, console=Console(quiet=True))
     assert str(e.value) == (f"{checkpoint.latest(run)}: this checkpoint holds another fine-tune (differs in: task); "
                             f"it is not resumed: remove {run} or set another checkpoint_dir")
+
+
+# --- per-family defaults: BiT's SGD for convnets, MAE/BEiT's AdamW + layer-wise lr decay for transformers
+
+
+def _vit():
+    from bigmodel.architectures.vit import ViT
+    return ViT("nano", image_size=16, patch_size=4, in_chans=1, global_pool="avg")
+
+
+def test_each_family_gets_its_optimiser_and_a_key_overrides_it():
+    from bigmodel.architectures.lstm import LSTM
+    from bigmodel.transfer.finetune import FAMILY_DEFAULTS
+    assert (ResNet(depth=18, width=0.25, in_chans=1).family, _vit().family, LSTM(16, 4, 1).family) == \
+        ("convnet", "transformer", "recurrent")
+    assert Finetune().optimiser_settings("convnet") == {"optimizer": "sgd", "base_lr": 0.4, "weight_decay": 0.0,
+                                                        "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None}
+    assert Finetune().optimiser_settings("transformer") == FAMILY_DEFAULTS["transformer"]
+    assert Finetune(optimizer="sgd", base_lr=0.1).optimiser_settings("transformer")["optimizer"] == "sgd"
+    s = Finetune(batch_size=128).schedule(5_000, 28, 28, "transformer")
+    assert s.lr == FAMILY_DEFAULTS["transformer"]["base_lr"] * 128 / 512
+    assert s.weight_decay == FAMILY_DEFAULTS["transformer"]["weight_decay"]
+    assert Finetune(batch_size=128).schedule(5_000, 28, 28).lr == 0.1  # a convnet's without a family
+
+
+def test_transformer_layers_get_decayed_learning_rates_and_matrices_alone_are_decayed():
+    """MAE's layer ids: embeddings 0, block i → i + 1, head L + 1 at the full lr; lr_scale = decay^(L+1-id)."""
+    from bigmodel.transfer.finetune import optimiser
+    bb = _vit()
+    depth, d = len(bb.vit.blocks), 0.5
+    model = Classifier(bb, 10, hyperrule(1000, image_size=16))
+    opt = optimiser(model, model.schedule, {"optimizer": "adamw", "layer_decay": d})
+    assert isinstance(opt, torch.optim.AdamW)
+    name = {id(p): n for n, p in model.named_parameters()}
+    scale = {name[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    assert len(scale) == len(list(model.parameters()))  # every parameter trains, once
+    assert scale["head.weight"] == (1.0, 0.0) and scale["head.bias"] == (1.0, 0.0)  # schedule's wd: 0
+    assert scale["backbone.vit.pos_embed"][0] == d ** (depth + 1)
+    assert scale["backbone.vit.patch_embed.proj.weight"][0] == d ** (depth + 1)
+    for i in range(depth):
+        assert scale[f"backbone.vit.blocks.{i}.attn.qkv.weight"][0] == d ** (depth - i)
+    assert scale["backbone.vit.norm.weight"][0] == d  # with the top block
+    wd = Classifier(bb, 10, hyperrule(1000, image_size=16))
+    opt = optimiser(wd, dataclasses.replace(wd.schedule, weight_decay=0.05), {"optimizer": "adamw", "layer_decay": d})
+    decay = {name_: g["weight_decay"] for g in opt.param_groups
+             for name_, p in wd.named_parameters() if any(p is q for q in g["params"])}
+    assert decay["backbone.vit.blocks.0.attn.qkv.weight"] == decay["head.weight"] == 0.05
+    assert decay["backbone.vit.blocks.0.attn.qkv.bias"] == decay["backbone.vit.pos_embed"] == 0.0
+    assert decay["backbone.vit.cls_token"] == decay["backbone.vit.norm.weight"] == 0.0
+
+
+def test_the_loop_applies_each_groups_scale_to_the_scheduled_lr(monkeypatch):
+    seen = []
+    real = trainer.train_step
+
+    def step(model, opt, *args, **kwargs):  # the lrs the loop set for this step, per group
+        seen.append(sorted({(g["lr_scale"], g["lr"]) for g in opt.param_groups}))
+        return real(model, opt, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    ft = Finetune(steps=3, batch_size=16, layer_decay=0.5)
+    model, s = ft.fit(_vit(), digits("train"), console=Console(quiet=True))
+    depth = len(model.backbone.vit.blocks)
+    for k, groups in enumerate(seen):
+        assert groups == [(0.5 ** e, s.lr_at(k) * 0.5 ** e) for e in range(depth + 1, -1, -1)]  # head: e = 0
+
+
+def test_drop_path_rises_over_the_blocks_and_is_off_at_test_time():
+    bb = _vit()
+    x = torch.randn(4, 1, 16, 16)
+    before = bb.eval()(x)
+    bb.set_drop_path(0.3)
+    rates = [b.drop_path1.drop_prob if hasattr(b.drop_path1, "drop_prob") else 0.0 for b in bb.vit.blocks]
+    assert rates == pytest.approx([0.3 * i / (len(rates) - 1) for i in range(len(rates))])
+    assert torch.equal(bb.eval()(x), before)
+    with pytest.raises(ValueError, match="no transformer blocks"):
+        ResNet(depth=18, width=0.25, in_chans=1).set_drop_path(0.1)
+
+
+def test_layer_decay_on_a_backbone_without_layers_is_refused_by_name(tiny_mlp):
+    with pytest.raises(ValueError, match="layer_decay=0.5 needs a backbone whose layers are grouped"):
+        Finetune(steps=1, optimizer="adamw", layer_decay=0.5).fit(tiny_mlp(), digits("train"))
+
+
+def test_a_transformer_finetune_with_its_defaults_resumes_to_the_same_weights(monkeypatch, tmp_path):
+    """AdamW's per-group state and stochastic depth's draws (drop_path 0.1 by default) survive a kill."""
+    train = digits("train")
+    torch.manual_seed(0)
+    bb = _vit()
+    ft = dict(steps=6, batch_size=32, checkpoint_every=3)
+    whole, _ = Finetune(**ft).fit(bb, train, console=Console(quiet=True))
+    protocol = Finetune(**ft, checkpoint_dir=str(tmp_path / "ft"))
+    calls = _counting(monkeypatch, fail_at=5)  # dies in step 5, after the checkpoint of step 3
+    with pytest.raises(RuntimeError, match="killed"):
+        protocol.fit(bb, train, console=Console(quiet=True))
+    calls.clear()
+    resumed, _ = protocol.fit(bb, train, console=Console(quiet=True))
+    assert len(calls) == 3
+    a, b = _weights(whole), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["backbone.vit.blocks.0.attn.qkv.weight"], bb.vit.blocks[0].attn.qkv.weight)
