@@ -33,9 +33,15 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 import bigmodel
+from bigmodel.errors import DataError
 
 DATA_VAR = "BIGMODEL_DATA"
 SHARED_DATA_VAR = "BIGMODEL_SHARED_DATA"
+
+
+class MissingData(DataError, FileNotFoundError):
+    """A data file or folder that is not there: a :class:`~bigmodel.errors.DataError` (the CLI says
+    ``data error:``) that callers catching ``FileNotFoundError`` still catch."""
 
 
 def user_data() -> Path:
@@ -167,8 +173,8 @@ def channels_first(x: np.ndarray, name: str = "images") -> np.ndarray:
         name: how messages call it, e.g. ``"data.npz x_train"``.
     """
     if x.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8 0..255, got {x.dtype}"
-                         + ("; scale floats in [0, 1] with (x * 255).round().astype(np.uint8)"
+        raise DataError(f"{name} must be uint8 0..255, got {x.dtype}"
+                        + ("; scale floats in [0, 1] with (x * 255).round().astype(np.uint8)"
                             if x.dtype.kind == "f" else ""))
     expected = "expected (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3"
     if x.ndim == 3:
@@ -180,14 +186,14 @@ def channels_first(x: np.ndarray, name: str = "images") -> np.ndarray:
             x = x.transpose(0, 3, 1, 2)
         elif not first:
             if x.shape[3] in (1, 3):
-                raise ValueError(f"{name}: images must be square, got {x.shape[1]}x{x.shape[2]} (shape {x.shape})")
+                raise DataError(f"{name}: images must be square, got {x.shape[1]}x{x.shape[2]} (shape {x.shape})")
             if x.shape[1] in (1, 3):
-                raise ValueError(f"{name}: images must be square, got {x.shape[2]}x{x.shape[3]} (shape {x.shape})")
-            raise ValueError(f"{name} has shape {x.shape}: {expected}")
+                raise DataError(f"{name}: images must be square, got {x.shape[2]}x{x.shape[3]} (shape {x.shape})")
+            raise DataError(f"{name} has shape {x.shape}: {expected}")
     else:
-        raise ValueError(f"{name} has shape {x.shape}: {expected}")
+        raise DataError(f"{name} has shape {x.shape}: {expected}")
     if x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"{name}: images must be square, got {x.shape[-2]}x{x.shape[-1]} (shape {x.shape})")
+        raise DataError(f"{name}: images must be square, got {x.shape[-2]}x{x.shape[-1]} (shape {x.shape})")
     return x
 
 

@@ -36,7 +36,8 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from bigmodel.data.base import TensorImages, expand_path
+from bigmodel.data.base import MissingData, TensorImages, expand_path
+from bigmodel.errors import DataError
 from bigmodel.registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -127,13 +128,13 @@ def _split_classes(root: Path) -> list[str]:
     """The class list of a ``train/`` + ``test/`` layout: the train folder's, checked against test's."""
     train, test = _subdirs(root / "train"), _subdirs(root / "test")
     if bool(train) != bool(test):
-        raise ValueError(f"imagefolder {str(root)!r}: train/ {'has' if train else 'has no'} class sub-folders but "
-                         f"test/ {'has' if test else 'has none'}; give both the same layout")
+        raise DataError(f"imagefolder {str(root)!r}: train/ {'has' if train else 'has no'} class sub-folders but "
+                        f"test/ {'has' if test else 'has none'}; give both the same layout")
     extra = sorted(set(test) - set(train))
     if extra:
-        raise ValueError(f"imagefolder {str(root)!r}: test/ has classes that train/ lacks: {', '.join(extra[:5])}"
-                         f"{' …' if len(extra) > 5 else ''} ({len(extra)}); every test class needs a train/ folder "
-                         f"(the class list is train/'s: {', '.join(train[:5])}{' …' if len(train) > 5 else ''})")
+        raise DataError(f"imagefolder {str(root)!r}: test/ has classes that train/ lacks: {', '.join(extra[:5])}"
+                        f"{' …' if len(extra) > 5 else ''} ({len(extra)}); every test class needs a train/ folder "
+                        f"(the class list is train/'s: {', '.join(train[:5])}{' …' if len(train) > 5 else ''})")
     return train
 
 
@@ -187,16 +188,16 @@ def imagefolder(
     """
     folder = expand_path(root)
     if not folder.is_dir():
-        raise FileNotFoundError(f"data.root={root!r}: no such folder (expected class sub-folders of images, "
-                                f"or a flat folder of images)")
+        raise MissingData(f"data.root={root!r}: no such folder (expected class sub-folders of images, "
+                          f"or a flat folder of images)")
     ignored: list[str] = []
     files, labels, classes = _listing(folder, split, test_fraction, seed, ignored)
     if ignored:
         log.info("imagefolder: ignored %d files that are not images by extension (%s%s)", len(ignored),
                  ", ".join(Path(p).name for p in ignored[:5]), ", …" if len(ignored) > 5 else "")
     if not files:
-        raise ValueError(f"data.root={root!r}: no image files found for split {split!r}"
-                         + (f" (ignored {len(ignored)} files without an image extension, e.g. {Path(ignored[0]).name})"
+        raise DataError(f"data.root={root!r}: no image files found for split {split!r}"
+                        + (f" (ignored {len(ignored)} files without an image extension, e.g. {Path(ignored[0]).name})"
                             if ignored else ""))
     mode = "L" if channels == 1 else "RGB"
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
@@ -207,20 +208,20 @@ def imagefolder(
         log.warning("imagefolder: skipped %s (%s)", path, reason)
     if len(skipped) > max_bad_fraction * len(files):
         first = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
-        raise ValueError(
+        raise DataError(
             f"imagefolder {root!r}: {len(skipped)} of {len(files)} files ({100 * len(skipped) / len(files):.1f}%) "
             f"could not be read, more than data.max_bad_fraction={max_bad_fraction} allows; fix or remove them, "
             f"or raise data.max_bad_fraction. First: {first}")
 
     good = [(d, y, f) for d, y, f in zip(decoded, labels, files, strict=True) if not isinstance(d, str)]
     if not good:
-        raise ValueError(f"imagefolder {root!r}: none of the {len(files)} files could be read")
+        raise DataError(f"imagefolder {root!r}: none of the {len(files)} files could be read")
     shapes = {d.shape[:2] for d, _, _ in good}
     if len(shapes) > 1 or next(iter(shapes))[0] != next(iter(shapes))[1]:
         examples = {d.shape[:2]: f for d, _, f in good}
         shown = ", ".join(f"{f.name} {h}x{w}" for (h, w), f in list(examples.items())[:3])
-        raise ValueError(f"imagefolder {root!r}: images are not squares of one size ({shown}); "
-                         f"set data.image_size to resize and centre-crop them")
+        raise DataError(f"imagefolder {root!r}: images are not squares of one size ({shown}); "
+                        f"set data.image_size to resize and centre-crop them")
     x = np.stack([d for d, _, _ in good])
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     y = torch.tensor([lab for _, lab, _ in good], dtype=torch.long)

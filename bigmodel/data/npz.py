@@ -61,10 +61,10 @@ def npz(
                      for k in (f"y_{s}" for s in SPLITS) if k in arrays.files}
             classes = [str(c) for c in _read(arrays, file, "classes")] if "classes" in arrays.files else None
     if len(x) == 0:
-        raise ValueError(f"npz {file}: x_{split} is empty (shape {x.shape}); it needs at least one image")
+        raise DataError(f"npz {file}: x_{split} is empty (shape {x.shape}); it needs at least one image")
     if y is not None:
         if len(y) != len(x):
-            raise ValueError(f"npz {file}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
+            raise DataError(f"npz {file}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
         k = _class_count(file, every, classes, num_classes)
         y = every[f"y_{split}"]
     else:
@@ -85,14 +85,14 @@ class _open:
         try:
             self.arrays = np.load(self.file, allow_pickle=False)
         except ValueError as e:  # a file that is neither .npy nor .npz: numpy falls back to pickle
-            raise ValueError(f"npz {self.file}: not an .npz archive (numpy reads it as pickled data, which is "
-                             f"never loaded); write it with np.savez(file, x_train=..., y_train=..., ...)") from e
+            raise DataError(f"npz {self.file}: not an .npz archive (numpy reads it as pickled data, which is "
+                            f"never loaded); write it with np.savez(file, x_train=..., y_train=..., ...)") from e
         except (zipfile.BadZipFile, EOFError, OSError) as e:
-            raise ValueError(f"npz {self.file}: not a readable .npz archive ({type(e).__name__}: {e}); "
-                             f"write it with np.savez(file, x_train=..., y_train=..., ...)") from e
+            raise DataError(f"npz {self.file}: not a readable .npz archive ({type(e).__name__}: {e}); "
+                            f"write it with np.savez(file, x_train=..., y_train=..., ...)") from e
         if not isinstance(self.arrays, np.lib.npyio.NpzFile):
-            raise ValueError(f"npz {self.file}: a single .npy array, not an .npz archive of "
-                             f"x_train, y_train, x_test, y_test; write it with np.savez")
+            raise DataError(f"npz {self.file}: a single .npy array, not an .npz archive of "
+                            f"x_train, y_train, x_test, y_test; write it with np.savez")
         return self.arrays
 
     def __exit__(self, *exc: object) -> None:
@@ -101,13 +101,13 @@ class _open:
 
 def _read(arrays: np.lib.npyio.NpzFile, file: Path, key: str) -> np.ndarray:
     if key not in arrays.files:
-        raise ValueError(f"npz {file}: missing array {key!r}; found {sorted(arrays.files)}"
-                         + (" (set labels=false for a corpus without labels)" if key.startswith("y_") else ""))
+        raise DataError(f"npz {file}: missing array {key!r}; found {sorted(arrays.files)}"
+                        + (" (set labels=false for a corpus without labels)" if key.startswith("y_") else ""))
     try:
         return arrays[key]
     except ValueError as e:  # an object array: pickled Python objects
-        raise ValueError(f"npz {file}: array {key!r} holds Python objects (pickled), which are never loaded; "
-                         f"store it as a plain numeric or string array") from e
+        raise DataError(f"npz {file}: array {key!r} holds Python objects (pickled), which are never loaded; "
+                        f"store it as a plain numeric or string array") from e
 
 
 def _label_array(file: Path, key: str, y: np.ndarray) -> np.ndarray:
@@ -115,17 +115,17 @@ def _label_array(file: Path, key: str, y: np.ndarray) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
-        raise ValueError(f"npz {file}: {key} must hold one class index per image, shape (N,), got shape {y.shape}"
-                         + (" (one-hot? store y.argmax(1))" if y.ndim == 2 else ""))
+        raise DataError(f"npz {file}: {key} must hold one class index per image, shape (N,), got shape {y.shape}"
+                        + (" (one-hot? store y.argmax(1))" if y.ndim == 2 else ""))
     if y.dtype.kind not in "iu":
-        raise ValueError(f"npz {file}: {key} must hold integer class indices, got {y.dtype} "
-                         f"(first values: {_values(y[:5].tolist())}); store y.astype(np.int64)")
+        raise DataError(f"npz {file}: {key} must hold integer class indices, got {y.dtype} "
+                        f"(first values: {_values(y[:5].tolist())}); store y.astype(np.int64)")
     y = y.astype(np.int64)
     neg = np.flatnonzero(y < 0)
     if len(neg):
         hint = ("-1 marks unlabelled images: set labels=false to train without labels, or label every image"
                 if (y[neg] == -1).all() else "labels are class indices 0 … K-1")
-        raise ValueError(f"npz {file}: {key} has negative labels {_bad(y, neg)}; {hint}")
+        raise DataError(f"npz {file}: {key} has negative labels {_bad(y, neg)}; {hint}")
     return y
 
 
@@ -140,16 +140,16 @@ def _class_count(file: Path, every: dict[str, np.ndarray], classes: list[str] | 
         for key, y in every.items():
             out = np.flatnonzero(y >= k)
             if len(out):
-                raise ValueError(f"npz {file}: {key} has labels outside 0..{k - 1} ({source}): {_bad(y, out)}")
+                raise DataError(f"npz {file}: {key} has labels outside 0..{k - 1} ({source}): {_bad(y, out)}")
         return k
     used = np.unique(np.concatenate(list(every.values())))
     k = int(used[-1]) + 1 if len(used) else 0
     if len(used) < k:
         gap = int(np.setdiff1d(np.arange(k), used)[0])  # the first class no image has
         key, y = next((key, y) for key, y in every.items() if (y > gap).any())
-        raise ValueError(f"npz {file}: {key} has labels {_bad(y, np.flatnonzero(y > gap))} but no image of "
-                         f"class {gap} ({k - len(used)} of classes 0..{k - 1} are empty); fix the labels, "
-                         f"or declare the class count with num_classes={k}")
+        raise DataError(f"npz {file}: {key} has labels {_bad(y, np.flatnonzero(y > gap))} but no image of "
+                        f"class {gap} ({k - len(used)} of classes 0..{k - 1} are empty); fix the labels, "
+                        f"or declare the class count with num_classes={k}")
     return k
 
 

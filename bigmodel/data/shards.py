@@ -42,7 +42,7 @@ from PIL import Image
 from pydantic import Field
 from torch.utils.data import IterableDataset
 
-from bigmodel.data.base import ImageDataset, TensorImages, expand_path
+from bigmodel.data.base import ImageDataset, MissingData, TensorImages, expand_path
 from bigmodel.data.loader import rank_rows
 from bigmodel.errors import DataError
 from bigmodel.registry import DATASETS
@@ -65,9 +65,9 @@ def decode(sample: dict[str, Any], channels: int | None) -> tuple[torch.Tensor, 
     file's own (grey: 1, colour: 3; alpha dropped)."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
-        raise ValueError(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}: no image "
-                         f"(looked for .{', .'.join(IMAGE_EXTS)}; "
-                         f"found {sorted(k for k in sample if not k.startswith('__'))})")
+        raise DataError(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}: no image "
+                        f"(looked for .{', .'.join(IMAGE_EXTS)}; "
+                        f"found {sorted(k for k in sample if not k.startswith('__'))})")
     if ext == "npy":  # uint8 (H, W) or (C, H, W)
         arr = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
         img = torch.from_numpy(arr if arr.ndim == 3 else arr[None])
@@ -149,6 +149,8 @@ class Shards(IterableDataset, ImageDataset):
         self.split, self.streams, self.shuffle = split, streams, shuffle
         self.urls, meta = _resolve(urls, split, index)
         self.counts = meta["counts"]
+        if meta.get("shards") is not None:  # counts taken from an index: check them before anything is written
+            _check_counts(self.urls, self.counts)
         self.channels = channels or meta["channels"]
         self.image_size = meta["image_size"]
         self.classes = meta.get("classes")
@@ -177,8 +179,8 @@ class Shards(IterableDataset, ImageDataset):
                     got += 1
                     yield sample
                 if got < hi - lo:
-                    raise ValueError(f"shard {self.urls[i]} holds fewer samples than its index says "
-                                     f"({self.counts[i]}); rewrite the index or the shard")
+                    raise DataError(f"shard {self.urls[i]} holds fewer samples than its index says "
+                                    f"({self.counts[i]}); rewrite the index or the shard")
             start += n
             if start >= b:
                 return
@@ -220,8 +222,8 @@ class Shards(IterableDataset, ImageDataset):
 def _stack(items: list[tuple[torch.Tensor, int]], ds: Shards) -> tuple[torch.Tensor, torch.Tensor]:
     shapes = {tuple(img.shape) for img, _ in items}
     if len(shapes) > 1:
-        raise ValueError(f"shards {ds.urls[0]}…: images of different sizes {sorted(shapes)} in one batch; "
-                         f"rewrite the shards at one size (bigmodel data shard SRC image_size=… DST)")
+        raise DataError(f"shards {ds.urls[0]}…: images of different sizes {sorted(shapes)} in one batch; "
+                        f"rewrite the shards at one size (bigmodel data shard SRC image_size=… DST)")
     return torch.stack([img for img, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 
 
@@ -234,8 +236,8 @@ def _resolve(urls: str, split: str, index: str | None) -> tuple[list[str], dict[
         if index is None and not index_path.is_file():
             tars = sorted(str(p) for p in folder.glob(f"{split}-*.tar"))
             if not tars:
-                raise FileNotFoundError(f"data.urls={urls!r}: no {split}.json index and no {split}-*.tar shards there "
-                                        f"(write them with: bigmodel data shard SRC split={split} {urls})")
+                raise MissingData(f"data.urls={urls!r}: no {split}.json index and no {split}-*.tar shards there "
+                                  f"(write them with: bigmodel data shard SRC split={split} {urls})")
             return tars, _scan(tars)
         return _read_index(Path(index).expanduser() if index else index_path)
     expanded = wds.shardlists.expand_urls(urls.replace("{split}", split))
@@ -257,11 +259,16 @@ def _read_index(path: Path) -> tuple[list[str], dict[str, Any]]:
     """The shard paths an index lists, with its metadata. An index is data, never code: each entry
     must name a file inside the index's own folder (see :func:`_inside`)."""
     if not path.is_file():
-        raise FileNotFoundError(f"shard index {path}: no such file")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path}: not a bigmodel shard index (format {meta.get('format')!r}, "
-                         f"expected {INDEX_FORMAT!r})")
+        raise MissingData(f"shard index {path}: no such file")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"shard index {path}: not readable as JSON ({type(e).__name__}: {e}); rewrite it with "
+                        f"bigmodel data shard") from e
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise DataError(f"{path}: not a bigmodel shard index (format {found!r}, "
+                        f"expected {INDEX_FORMAT!r})")
     shards = meta.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
         raise DataError(f"shard index {path}: 'shards' is not a list of {{url, count}} entries; rewrite it with "
@@ -298,6 +305,79 @@ def _inside(index: Path, i: int, url: Any) -> str:
     return str(folder / url)
 
 
+def _check_counts(urls: list[str], counts: list[int]) -> None:
+    """Refuse a local shard holding fewer samples than its index says, when the dataset is built (before
+    a run directory is written) rather than at the step that reaches it. Only the tar headers are read
+    (:func:`_tar_samples`); remote shards, and files that are not plain tars, are checked as they are read."""
+    for url, n in zip(urls, counts, strict=True):
+        if n and Path(url).is_file():
+            got = _tar_samples(Path(url))
+            if got is not None and got < n:
+                raise DataError(f"shard {url} holds fewer samples than its index says ({got} of {n}); "
+                                f"rewrite the index or the shard")
+
+
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skipped members (tar_file_iterator's skip_meta)
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: the sample key of a member
+
+
+def _tar_samples(path: Path) -> int | None:
+    """The samples of a plain (uncompressed) tar as webdataset groups them: runs of regular members
+    sharing a key, counting only members stored whole. Reads one 512-byte header per member and
+    seeks over the data. ``None`` when the file is not a ustar/pax tar (compressed: not checked)."""
+    try:
+        size = path.stat().st_size
+        if size < 512:
+            return None if size else 0
+        with path.open("rb") as f:
+            samples, key, pos, long_name = 0, None, 0, None
+            while pos + 512 <= size:
+                f.seek(pos)
+                head = f.read(512)
+                if len(head) < 512 or not head.strip(b"\0"):
+                    break
+                if head[257:262] != b"ustar":
+                    return None if pos == 0 else samples
+                field = head[124:136]
+                n = (int.from_bytes(field[1:], "big") if field[0] & 0x80
+                     else int(field.split(b"\0")[0].strip() or b"0", 8))
+                end = pos + 512 + -(-n // 512) * 512
+                if end > size:  # cut short: this member is not whole
+                    break
+                kind, name = head[156:157], head[:100].split(b"\0")[0]
+                if head[345:500].strip(b"\0"):
+                    name = head[345:500].split(b"\0")[0] + b"/" + name
+                if kind in (b"L", b"x"):  # GNU long name, pax header: the next member's name
+                    f.seek(pos + 512)
+                    data = f.read(n)
+                    long_name = (data.split(b"\0")[0] if kind == b"L"
+                                 else next((r.split(b"=", 1)[1] for r in _pax_records(data)
+                                            if r.startswith(b"path=")), None))
+                elif kind in (b"0", b"\0", b"7"):
+                    member = (long_name or name).decode("utf-8", "replace")
+                    long_name = None
+                    match = None if _META.match(member) else _KEY.match(member)
+                    if match and match.group(1) != key:
+                        samples, key = samples + 1, match.group(1)
+                else:
+                    long_name = None if kind != b"g" else long_name
+                pos = end
+    except (OSError, ValueError):
+        return None  # unreadable here: reading the shard reports it
+    return samples
+
+
+def _pax_records(data: bytes) -> Iterator[bytes]:
+    """The ``key=value`` records of a pax header block (``"<length> <key>=<value>\\n"`` each)."""
+    i = 0
+    while i < len(data):
+        length = data[i:].partition(b" ")[0]
+        if not length.isdigit() or int(length) <= 0:
+            return
+        yield data[i + len(length) + 1:i + int(length) - 1]
+        i += int(length)
+
+
 def _scan(urls: list[str]) -> dict[str, Any]:
     """Count the samples of each shard (reading them once, decoding only the first image)."""
     counts, top, first = [], -1, None
@@ -310,7 +390,7 @@ def _scan(urls: list[str]) -> dict[str, Any]:
                 first = s
         counts.append(n)
     if first is None:
-        raise ValueError(f"shards {urls[0]}…: no samples in {len(urls)} shards")
+        raise DataError(f"shards {urls[0]}…: no samples in {len(urls)} shards")
     img, _ = decode(first, None)
     return {"counts": counts, "channels": img.shape[0], "image_size": img.shape[-1],
             "num_classes": top + 1, "classes": None}

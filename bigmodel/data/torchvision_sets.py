@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torchvision import datasets as tvd
 
-from bigmodel.data.base import TensorImages, expand_path, from_numpy
+from bigmodel.data.base import MissingData, TensorImages, expand_path, from_numpy
+from bigmodel.errors import DataError
 from bigmodel.registry import DATASETS
 
 DEFAULT_ROOT = "$BIGMODEL_DATA/raw"  # expanded when built: the first data folder with raw/, else the user's
@@ -54,7 +55,7 @@ def _load(name: str, root: str, download: bool, files: tuple[list[str], str],
     if not download:
         missing = [f for f in required if not (base / f).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingData(
                 f"{name}: {len(missing)} of {len(required)} files missing under {base}: "
                 + ", ".join(str(base / f) for f in missing)
                 + f". Put them there ({source}), or set data.download=true to fetch them when a network is available "
@@ -63,11 +64,11 @@ def _load(name: str, root: str, download: bool, files: tuple[list[str], str],
         return make(str(base), download)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" (md5 check) or a failed download
         what = "downloading failed" if download else "the files are there but torchvision rejected them (checksum)"
-        raise ValueError(f"{name} under {base}: {what}: {e}. Expected files: "
-                         + ", ".join(str(base / f) for f in required)) from e
+        raise DataError(f"{name} under {base}: {what}: {e}. Expected files: "
+                        + ", ".join(str(base / f) for f in required)) from e
     except OSError as e:  # network errors during download=true
-        raise ValueError(f"{name}: downloading into {base} failed ({e}); without a network, put the files there: "
-                         + ", ".join(str(base / f) for f in required)) from e
+        raise DataError(f"{name}: downloading into {base} failed ({e}); without a network, put the files there: "
+                        + ", ".join(str(base / f) for f in required)) from e
 
 
 def _mnist_like(cls: type[tvd.MNIST], name: str, root: str, split: str, download: bool) -> TensorImages:

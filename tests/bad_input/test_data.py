@@ -1,5 +1,6 @@
-"""Bad data: one ``recipe error:`` line naming the file and the array (or folder, or key), exit 2,
-no run directory. Data files are written by each row's setup; nothing here needs the shared data."""
+"""Bad data: one ``data error:`` line naming the file and the array (or folder, shard, key), exit 2,
+no run directory; a recipe that does not fit good data is a ``recipe error:``. Data files are written
+by each row's setup; nothing here needs the shared data."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
+from bigmodel.data.base import TensorImages
+from bigmodel.data.shards import write_shards
 from tests.bad_input.case import Case, check, params
 
 Y = np.arange(128) % 10
@@ -37,6 +41,30 @@ def _folder(classes: dict[str, str]) -> callable:
         (tmp / "r.yaml").write_text(yaml.safe_dump(_recipe({"name": "imagefolder", "root": str(tmp / "imgs"),
                                                              "channels": 1})))
     return setup
+
+
+def _images(files: dict[str, int | None], **data) -> callable:
+    """``files``: path under ``imgs/`` → side of a grey square PNG, or ``None`` for a text file by that name;
+    the recipe ``r.yaml`` reads them as an imagefolder (no holdout: every file is in ``train``)."""
+    def setup(tmp: Path) -> None:
+        for rel, side in files.items():
+            (tmp / "imgs" / rel).parent.mkdir(parents=True, exist_ok=True)
+            if side is None:
+                (tmp / "imgs" / rel).write_text("not an image")
+            else:
+                Image.fromarray(np.full((side, side), len(rel), np.uint8)).save(tmp / "imgs" / rel)
+        (tmp / "r.yaml").write_text(yaml.safe_dump(_recipe({"name": "imagefolder", "root": "imgs", "channels": 1,
+                                                             "test_fraction": 0, **data})))
+    return setup
+
+
+def _short_shard(tmp: Path) -> None:
+    """Shards of 10 grey 8×8 images at ``sh/``, the second replaced by a shard of 2: its index says 10."""
+    images, labels = torch.zeros(30, 1, 8, 8, dtype=torch.uint8), torch.arange(30) % 3
+    write_shards(TensorImages(images, labels), tmp / "sh", "train", 10)
+    write_shards(TensorImages(images[:2], labels[:2]), tmp / "short", "train", 10)
+    (tmp / "short" / "train-000000.tar").replace(tmp / "sh" / "train-000001.tar")
+    (tmp / "r.yaml").write_text(yaml.safe_dump(_recipe({"name": "shards", "urls": "sh"})))
 
 
 def _text_npz(tmp: Path) -> None:
@@ -75,12 +103,29 @@ CASES = [
     Case("test-class-not-in-train", ["run", "{tmp}/r.yaml", "run.out={tmp}/r"], 2,
          "/imgs': test/ has classes that train/ lacks: c (1)", setup=_folder({"train": "ab", "test": "abc"}),
          absent=("r",)),
+    Case("shard-shorter-than-index", ["run", "{tmp}/r.yaml", "run.out={tmp}/r"], 2,
+         "data error: shard sh/train-000001.tar holds fewer samples than its index says (2 of 10); "
+         "rewrite the index or the shard", setup=_short_shard, absent=("r",)),
+    Case("folder-without-images", ["run", "{tmp}/r.yaml", "run.out={tmp}/r"], 2,
+         "data error: data.root='imgs': no image files found for split 'train' (ignored 1 files without an image "
+         "extension, e.g. notes.txt)", setup=_images({"a/notes.txt": None}), absent=("r",)),
+    Case("folder-too-many-unreadable", ["run", "{tmp}/r.yaml", "run.out={tmp}/r"], 2,
+         "data error: imagefolder 'imgs': 1 of 5 files (20.0%) could not be read, more than "
+         "data.max_bad_fraction=0.01 allows; fix or remove them, or raise data.max_bad_fraction. "
+         "First: imgs/b/bad.png: ",
+         setup=_images({"a/0.png": 8, "a/1.png": 8, "b/0.png": 8, "b/1.png": 8, "b/bad.png": None}), absent=("r",)),
+    Case("folder-sizes-differ", ["run", "{tmp}/r.yaml", "run.out={tmp}/r"], 2,
+         "data error: imagefolder 'imgs': images are not squares of one size (0.png 8x8, 1.png 6x6); "
+         "set data.image_size to resize and centre-crop them",
+         setup=_images({"a/0.png": 8, "b/1.png": 6}), absent=("r",)),
 ]
+RECIPE_ERRORS = {"batch-larger-than-data", "one-class-folder"}  # good data, a recipe that does not fit it
 
 
 @pytest.mark.parametrize("case", params(CASES))
 def test_bad_input(case, tmp_path, capsys, monkeypatch):
-    check(case, tmp_path, capsys, monkeypatch)
+    err = check(case, tmp_path, capsys, monkeypatch)
+    assert err.startswith("recipe error: " if case.id in RECIPE_ERRORS else "data error: "), err
 
 
 def test_missing_shared_file_says_where_it_looked(tmp_path, capsys, monkeypatch):

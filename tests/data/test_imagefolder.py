@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from bigmodel.data.imagefolder import imagefolder
+from bigmodel.errors import DataError
 from bigmodel.registry import DATASETS
 from tests.helpers import env
 
@@ -63,7 +64,7 @@ def test_bad_files_are_skipped_counted_and_listed(messy: Path, caplog):
 
 
 def test_threshold_stops_the_build_with_a_clear_message(messy: Path):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DataError) as err:
         imagefolder(str(messy), test_fraction=0.0)  # default max_bad_fraction=0.01
     msg = str(err.value)
     assert "2 of 18 files" in msg and "11.1%" in msg and "data.max_bad_fraction=0.01" in msg
@@ -84,7 +85,7 @@ def test_stray_non_image_files_do_not_count_as_bad(tmp_path: Path):
 def test_flat_folder_is_unlabelled_grey_and_resized(tmp_path: Path):
     for i in range(5):
         _png(tmp_path / f"img{i}.png", i, size=(20, 12))  # not square: needs image_size
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(DataError, match="image_size"):
         imagefolder(str(tmp_path), test_fraction=0.0)
     ds = imagefolder(str(tmp_path), image_size=8, channels=1, test_fraction=0.0)
     assert ds.images.shape == (5, 1, 8, 8) and ds.num_classes == 0
@@ -107,7 +108,7 @@ def test_a_test_class_missing_from_train_is_an_error(tmp_path: Path):
         for c in classes:
             _png(tmp_path / split / c / "0.png", ord(c))
     for split in ("train", "test"):
-        with pytest.raises(ValueError) as err:
+        with pytest.raises(DataError) as err:
             imagefolder(str(tmp_path), split=split)
         assert str(err.value) == (f"imagefolder {str(tmp_path)!r}: test/ has classes that train/ lacks: d (1); every "
                                   f"test class needs a train/ folder (the class list is train/'s: a, b)")
@@ -137,8 +138,9 @@ def test_holdout_split_is_disjoint_stratified_and_repeatable(tmp_path: Path):
 def test_recipe_schema_and_missing_root():
     fields = set(DATASETS.config_model("imagefolder").model_fields)
     assert {"root", "image_size", "channels", "max_bad_fraction"} <= fields
-    with pytest.raises(FileNotFoundError, match="no such folder"):
+    with pytest.raises(DataError, match="no such folder") as err:
         imagefolder("/nonexistent/folder")
+    assert isinstance(err.value, FileNotFoundError)  # callers catching that still do
 
 
 def test_run_lists_skipped_files_in_its_report(messy: Path, tmp_path: Path):

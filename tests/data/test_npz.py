@@ -69,7 +69,7 @@ def test_a_declared_count_allows_empty_classes(tmp_path: Path):
 ])
 def test_bad_arrays_name_the_file_the_array_and_the_values(tmp_path, arrays, kwargs, message):
     path = _write(tmp_path / "bad.npz", **arrays)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DataError) as err:  # the file is at fault, not the recipe: "data error:" on the CLI
         npz(path, **kwargs)
     assert str(err.value).startswith(f"npz {tmp_path / 'bad.npz'}: ")
     assert message in str(err.value)
@@ -77,7 +77,7 @@ def test_bad_arrays_name_the_file_the_array_and_the_values(tmp_path, arrays, kwa
 
 def test_labels_false_reads_no_labels(tmp_path: Path):
     np.savez(tmp_path / "x.npz", x_train=_images(4))  # no y arrays at all
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DataError) as err:
         npz(str(tmp_path / "x.npz"))
     assert str(err.value) == (f"npz {tmp_path / 'x.npz'}: missing array 'y_train'; found ['x_train'] "
                               f"(set labels=false for a corpus without labels)")
@@ -109,16 +109,16 @@ def test_channels_first_npz_loads(tmp_path: Path):
 def test_not_an_npz_names_the_file(tmp_path: Path):
     for name, content in (("text.npz", b"hello, I am text"), ("zip.npz", b"PK\x03\x04garbage"), ("empty.npz", b"")):
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(ValueError) as err:
+        with pytest.raises(DataError) as err:
             npz(str(tmp_path / name))
         assert str(err.value).startswith(f"npz {tmp_path / name}: not a")
         assert "allow_pickle" not in str(err.value)
     np.save(tmp_path / "one.npy", _images(3))
     (tmp_path / "one.npy").rename(tmp_path / "one.npz")
-    with pytest.raises(ValueError, match="a single .npy array, not an .npz archive"):
+    with pytest.raises(DataError, match="a single .npy array, not an .npz archive"):
         npz(str(tmp_path / "one.npz"))
     np.savez(tmp_path / "obj.npz", x_train=_images(3), y_train=np.array([{"a": 1}] * 3, dtype=object))
-    with pytest.raises(ValueError, match="array 'y_train' holds Python objects"):
+    with pytest.raises(DataError, match="array 'y_train' holds Python objects"):
         npz(str(tmp_path / "obj.npz"))
 
 

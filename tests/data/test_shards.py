@@ -237,3 +237,51 @@ def test_a_link_inside_the_folder_and_a_user_written_pipe_url_still_work(sharded
     assert piped.counts == [500, 500, 347]
     got = materialize(piped)
     assert torch.equal(got.images, ref.images) and torch.equal(got.targets, ref.targets)
+
+
+# -- bad shards are data errors ----------------------------------------------------------------
+
+
+def test_a_shard_shorter_than_its_index_is_refused_when_built(corpus: Path, tmp_path: Path):
+    """Found from the tar headers when the dataset is built, not at the step that reaches the shard."""
+    sh = tmp_path / "sh"
+    shutil.copytree(corpus, sh)
+    short = tmp_path / "short"
+    write_shards(TensorImages(torch.zeros(4, 1, 6, 6, dtype=torch.uint8), torch.arange(4)), short, "train", SHARD)
+    shutil.copy(short / "train-000000.tar", sh / "train-000003.tar")
+    with pytest.raises(DataError) as e:
+        Shards(str(sh))
+    assert str(e.value) == (f"shard {sh / 'train-000003.tar'} holds fewer samples than its index says (4 of 10); "
+                            f"rewrite the index or the shard")
+    data = (sh / "train-000005.tar").read_bytes()
+    (sh / "train-000003.tar").write_bytes(data)
+    (sh / "train-000005.tar").write_bytes(data[:len(data) // 2])  # cut short: only the whole members count
+    with pytest.raises(DataError, match=r"train-000005.tar holds fewer samples than its index says \(\d of 10\)"):
+        Shards(str(sh))
+
+
+def test_tar_samples_counts_samples_as_webdataset_groups_them(corpus: Path, tmp_path: Path):
+    counts = json.loads((corpus / "train.json").read_text())["shards"]
+    assert [shards_mod._tar_samples(corpus / s["url"]) for s in counts] == [s["count"] for s in counts]
+    (tmp_path / "empty.tar").write_bytes(b"")
+    (tmp_path / "gz.tar").write_bytes(b"\x1f\x8b" + b"\x00" * 600)  # not a plain tar: left to the reader
+    assert shards_mod._tar_samples(tmp_path / "empty.tar") == 0 and shards_mod._tar_samples(tmp_path / "gz.tar") is None
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("no-index", "data.urls='{sh}': no train.json index and no train-*.tar shards there"),
+    ("not-json", "shard index {sh}/train.json: not readable as JSON"),
+    ("not-an-index", "{sh}/train.json: not a bigmodel shard index (format None, expected 'bigmodel-shards/1')"),
+])
+def test_bad_shard_folders_are_data_errors(corpus: Path, tmp_path: Path, bad: str, message: str):
+    sh = tmp_path / "sh"
+    sh.mkdir()
+    if bad == "not-json":
+        (sh / "train.json").write_text("{oops")
+    elif bad == "not-an-index":
+        (sh / "train.json").write_text("[1, 2]")
+    with pytest.raises(DataError) as e:
+        Shards(str(sh))
+    assert str(e.value).startswith(message.format(sh=sh))
+    if bad == "no-index":
+        assert isinstance(e.value, FileNotFoundError)
