@@ -46,6 +46,22 @@ class OptimConfig(BaseModel):
         return self
 
 
+class Component(BaseModel):
+    """A validated ``{name, **kwargs}`` section."""
+
+    name: str
+    kwargs: dict[str, Any] = {}
+
+
+class MonitorSpec(BaseModel):
+    """``run.monitor``: a frozen-feature probe on a fixed task subset every ``every`` pretraining steps."""
+    model_config = ConfigDict(extra="forbid")
+    task: Component
+    protocol: Component
+    every: Annotated[int, Field(ge=1, strict=True)] = 200  # pretraining steps between evaluations
+    limit: Annotated[int, Field(ge=1, strict=True)] | None = 1000  # images of each split (seeded subset); None: all
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -63,13 +79,7 @@ class RunConfig(BaseModel):
     compile: bool = False  # torch.compile the backbone
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     figures: bool = True  # draw RUN/figures (probe, t-SNE, ...) at the end; false skips that work (tests, sweeps)
-
-
-class Component(BaseModel):
-    """A validated ``{name, **kwargs}`` section."""
-
-    name: str
-    kwargs: dict[str, Any] = {}
+    monitor: MonitorSpec | None = None  # {task, protocol, every, limit, **protocol keys}: see monitor_entry
 
 
 class TransferSpec(BaseModel):
@@ -279,7 +289,10 @@ def validate(raw: dict[str, Any]) -> Recipe:
     data = component("data", raw["data"], DATASETS)
     obj = component("objective", raw["objective"], OBJECTIVES)
     optim = _model("optim", OptimConfig, raw.get("optim") or {})
-    run = _model("run", RunConfig, raw.get("run") or {})
+    run_raw = raw.get("run") or {}
+    run = _model("run", RunConfig, {**run_raw, "monitor": None} if isinstance(run_raw, dict) else run_raw)
+    if run_raw.get("monitor") is not None:  # a component section: validated as transfer entries are
+        run = run.model_copy(update={"monitor": monitor_entry("run.monitor", run_raw["monitor"])})
     transfer = []
     specs = raw.get("transfer") or []
     if not isinstance(specs, list):
@@ -287,10 +300,7 @@ def validate(raw: dict[str, Any]) -> Recipe:
     for i, spec in enumerate(specs):
         transfer.append(transfer_entry(f"transfer.{i}", spec))
     _check_compatible(arch, obj)
-    return Recipe(
-        architecture=arch, data=data, objective=obj, optim=optim, run=run,
-        transfer=transfer, raw=raw,
-    )
+    return Recipe(architecture=arch, data=data, objective=obj, optim=optim, run=run, transfer=transfer, raw=raw)
 
 
 def component(section: str, cfg: Any, registry: Registry) -> Component:
@@ -330,6 +340,19 @@ def transfer_entry(section: str, spec: Any) -> TransferSpec:
         task=component(f"{section}.task", task, DATASETS),
         protocol=component(f"{section}.protocol", protocol, PROTOCOLS),
     )
+
+
+def monitor_entry(section: str, spec: Any) -> MonitorSpec:
+    """``run.monitor``: a transfer entry (a frozen-feature protocol) plus ``every`` and ``limit``."""
+    if not isinstance(spec, dict) or "task" not in spec or "protocol" not in spec:
+        raise RecipeError(f"{section}: needs task and protocol, e.g. {{task: digits, protocol: knn, every: 200}}")
+    frozen, name = [n for n in PROTOCOLS.names() if getattr(PROTOCOLS.get(n), "frozen", False)], spec["protocol"]
+    if not isinstance(name, str) or name not in frozen:
+        what = "not a frozen-feature protocol" if isinstance(name, str) and name in PROTOCOLS else "unknown protocol"
+        raise RecipeError(f"{section}.protocol = {name!r}: {what}; valid: {', '.join(frozen)}")
+    own = {k: spec[k] for k in ("every", "limit") if k in spec}
+    entry = transfer_entry(section, {k: v for k, v in spec.items() if k not in own})
+    return _model(section, MonitorSpec, {"task": entry.task, "protocol": entry.protocol, **own})
 
 
 def _check_compatible(arch: Component, obj: Component) -> None:

@@ -1,4 +1,5 @@
-"""Loss and learning-rate curves of a run, from its ``metrics.jsonl`` (the trainer draws nothing)."""
+"""Curves of a run from its ``metrics.jsonl`` (the trainer draws nothing): loss and learning rate,
+and the ``run.monitor`` probe's accuracy against pretraining steps and FLOPs."""
 
 from __future__ import annotations
 
@@ -43,3 +44,49 @@ def make(metrics: list[dict[str, Any]], out: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def monitor(metrics: list[dict[str, Any]], gflops_per_step: float | None = None) -> dict[str, Any] | None:
+    """report.json's ``monitor``: the ``run.monitor`` probe's ``top1`` (%) and ``seconds`` by ``step``
+    and, with the training FLOPs of one step (report.json's ``train_gflops_per_step``), by
+    ``pretrain_flops`` (forward and backward of every step so far; the probe's own are not counted).
+    ``None`` when no record holds a monitor value."""
+    steps, top1 = series(metrics, "monitor_top1")
+    if not steps:
+        return None
+    out: dict[str, Any] = {"step": steps, "top1": top1, "seconds": series(metrics, "monitor_s")[1]}
+    if gflops_per_step:
+        out["pretrain_flops"] = [s * gflops_per_step * 1e9 for s in steps]
+    return out
+
+
+def monitor_png(section: dict[str, Any], title: str) -> bytes:
+    """The probe's top-1 against pretraining steps (left) and FLOPs (right) as PNG bytes, the step-0
+    value (random init) drawn across both as a dashed baseline."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
+    xs = (("step", section["step"], "pretraining step"),
+          ("flops", section.get("pretrain_flops"), "pretraining FLOPs (forward + backward)"))
+    for ax, (_, x, label) in zip(axes, xs, strict=True):
+        if x is None:
+            ax.text(0.5, 0.5, "FLOPs not counted for this run", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.plot(x, section["top1"], marker="o", markersize=3, color="tab:green")
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+        if section["step"][0] == 0:
+            ax.axhline(section["top1"][0], color="grey", linestyle="--", linewidth=1, label="random init (step 0)")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set(xlabel=label, ylabel="top-1 %")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

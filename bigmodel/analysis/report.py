@@ -11,8 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bigmodel.analysis import curves
+from bigmodel.recipe import MonitorSpec
 from bigmodel.train.metrics import read_metrics
 from bigmodel.transfer.runner import subjects_of, table_lines
+from bigmodel.transfer.suites import task_name
 
 # Figures in the order report.html shows them; others under figures/ and analysis/ follow by name.
 FIGURE_ORDER = ("curves", "confusion", "tsne", "attention", "gradcam", "reconstruction", "completions",
@@ -52,7 +55,7 @@ def rebuild(run_dir: Path, model: dict[str, Any] | None = None, steps_done: int 
         summary = json.loads((run_dir / "report.json").read_text())
     except (OSError, ValueError):
         summary = {}
-    for key in ("curves", "transfer_files", "analysis", "figures"):
+    for key in ("curves", "monitor", "transfer_files", "analysis", "figures"):
         summary.pop(key, None)
     if (run_dir / "recipe.yaml").is_file():
         summary["recipe"] = yaml.safe_load((run_dir / "recipe.yaml").read_text())
@@ -65,10 +68,14 @@ def rebuild(run_dir: Path, model: dict[str, Any] | None = None, steps_done: int 
 
 def write(run_dir: Path, summary: dict[str, Any]) -> tuple[Path, Path]:
     """Write report.json and report.html into ``run_dir``; returns their paths."""
-    metrics = read_metrics(run_dir / "metrics.jsonl")
+    metrics = [m for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]  # training records
     report = {**summary, "curves": {"step": [m["step"] for m in metrics],
                                     "loss": [m["loss"] for m in metrics],
                                     "lr": [m.get("lr") for m in metrics]}}
+    monitor = curves.monitor(read_metrics(run_dir / "metrics.jsonl"),
+                             summary.get("model", {}).get("train_gflops_per_step"))
+    if monitor:
+        report["monitor"] = {**monitor_settings(summary.get("recipe", {})), **monitor}
     extra = _json_files(run_dir / "transfer", skip=("partial",))
     if extra:
         report["transfer_files"] = extra
@@ -83,6 +90,27 @@ def write(run_dir: Path, summary: dict[str, Any]) -> tuple[Path, Path]:
     html_path = run_dir / "report.html"
     html_path.write_text(_html(report, metrics, figures(run_dir)))
     return json_path, html_path
+
+
+def monitor_settings(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``task`` (its short name), ``protocol``, ``every``, ``limit`` (defaults filled in) and the
+    protocol's keys of a raw recipe's ``run.monitor``."""
+    spec = dict(((recipe or {}).get("run") or {}).get("monitor") or {})
+    task = spec.pop("task", None)
+    name = task_name(task.get("name"), task) if isinstance(task, dict) else task
+    return {"task": name, **{k: MonitorSpec.model_fields[k].default for k in ("every", "limit")}, **spec}
+
+
+def _monitor_html(section: dict[str, Any] | None) -> str:
+    if not section:
+        return ""
+    where = f"{section['task']} · {section['protocol']}"
+    png = base64.b64encode(curves.monitor_png(section, f"{where}: transfer during pretraining")).decode()
+    subset = "every image" if section.get("limit") is None else f"at most {section['limit']} images"
+    return (f"<h2>Transfer during pretraining (run.monitor)</h2><p>{html.escape(where)}: top-1 % on a fixed subset "
+            f"({html.escape(subset)} of each split) every {html.escape(str(section.get('every')))} steps; step 0 "
+            f"is the random initialisation.</p>"
+            f'<img alt="monitor curve" src="data:image/png;base64,{png}">')
 
 
 def _loss_png(metrics: list[dict[str, Any]]) -> str:
@@ -163,6 +191,7 @@ figcaption{{font-weight:bold;margin-bottom:.4em}}figure img{{max-width:100%;heig
 <h2>Transfer (top-1 %, test split)</h2>
 {_table(rows)}
 {extra}
+{_monitor_html(report.get("monitor"))}
 {curve}
 {figures_html}
 <h2>Recipe</h2><pre>{html.escape(json.dumps(report.get("recipe", {}), indent=1))}</pre>

@@ -21,6 +21,7 @@ from bigmodel.data.base import ImageDataset
 from bigmodel.objectives.base import Objective
 from bigmodel.recipe import Recipe
 from bigmodel.train import build, distributed, trainer
+from bigmodel.transfer.monitor import Monitor
 
 
 def pretrain(recipe: Recipe, run_dir: Path, data: ImageDataset, model: Objective,
@@ -45,10 +46,11 @@ def pretrain(recipe: Recipe, run_dir: Path, data: ImageDataset, model: Objective
         distributed.seed_rank(run.seed, rank)  # forward-time draws (MAE's masks) differ between ranks
     opt = build.optimizer(distributed.unwrapped(net), cfg)
     dtype = build.autocast_dtype(run, dev)
+    probe = Monitor(run.monitor, model, run.eval_batch_size, dtype) if run.monitor is not None else None
     loop = trainer.Loop(steps=cfg.steps, seed=run.seed, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip,
                         dtype=dtype, run_dir=run_dir, checkpoint_every=run.checkpoint_every,
                         keep_checkpoints=run.keep_checkpoints, log_every=run.log_every, tensorboard=run.tensorboard,
-                        rank=rank, world=world,
+                        rank=rank, world=world, monitor=probe, monitor_every=run.monitor.every if probe else 1,
                         meta={"recipe": recipe.raw, "num_classes": data.num_classes,  # rebuilt without the data
                               "classes": list(getattr(data, "classes", None) or [])})
     out = trainer.fit(model, opt, lambda step: trainer.lr_at(step, cfg),

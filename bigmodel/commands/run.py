@@ -36,7 +36,7 @@ from bigmodel.recipe import (
 from bigmodel.train import build, checkpoint, distributed
 from bigmodel.train.run_dir import open_run
 from bigmodel.train.signals import GracefulStop
-from bigmodel.transfer import suites
+from bigmodel.transfer import monitor, suites
 from bigmodel.transfer.runner import PIXELS, provenance, read_partial, run_suite, table, task_label, write_partial
 
 Overrides = Mapping[str, Any] | Sequence[str] | None
@@ -162,6 +162,7 @@ def run_pipeline(recipe: Recipe, console: Console | None = None, transfer: bool 
         distributed.check(recipe, model)  # batch vs process count, activation checkpointing: before run.out is touched
         if transfer:
             suites.check(recipe.transfer)  # e.g. kNN k above the task's images: refused before pretraining
+        monitor.check(recipe.run.monitor)  # its task (a missing file) and protocol, before run.out is touched
     except InputError:  # a missing data file (DataError) says so itself
         raise
     except (ValueError, FileNotFoundError) as e:  # problems only building reveals, still before any write

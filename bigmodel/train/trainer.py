@@ -33,6 +33,8 @@ from bigmodel.train.metrics import MetricsLog, StepProgress
 from bigmodel.train.signals import GracefulStop
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+Probe = Callable[[int, torch.nn.Module], dict[str, float]]  # (step, the module a step runs) -> scalars to log
+_clock = time.perf_counter  # replaced by tests for exact rates
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
@@ -91,6 +93,8 @@ class Loop:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # saved in every checkpoint's meta.json
     rank: int = 0  # this process among ``world`` training together (torchrun); only rank 0 writes
     world: int = 1
+    monitor: Probe | None = None  # run on every rank at step 0, every ``monitor_every`` steps and the last
+    monitor_every: int = 1
 
 
 def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, loop: Loop, console: Console) -> int:
@@ -152,6 +156,23 @@ def check_finite(scalars: dict[str, float], step: int, folder: Path | None, loop
                             f"{where}; {kept} (try a lower {loop.lr_key})")
 
 
+def monitored(loop: Loop, step: int, net: torch.nn.Module, log: MetricsLog | None,
+              history: list[dict[str, Any]], console: Console) -> float:
+    """Run ``loop.monitor`` after ``step`` steps with the RNG forked (the run draws what it would
+    without it) and log what it returns as a record of that step, with ``monitor_s``; its seconds."""
+    t0, dev = _clock(), next(net.parameters()).device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        values = loop.monitor(step, net)
+    seconds = _clock() - t0
+    if values:  # only rank 0 scores
+        history.append({"step": step, **values, "monitor_s": round(seconds, 3)})
+        if log is not None:
+            log.write(history[-1])
+        shown = "  ".join(f"{k.removeprefix('monitor_')} {v:.4g}" for k, v in values.items())
+        console.print(f"monitor at step {step}: {shown}  ({seconds:.1f}s)", highlight=False)
+    return seconds
+
+
 def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int], float],
         batches_fn: Callable[[int], Batches], loop: Loop, console: Console,
         net: torch.nn.Module | None = None) -> dict[str, Any]:
@@ -164,7 +185,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
     agree after each step on the mean scalars and on stopping.
 
     Returns ``{"steps_done", "stopped", "history"}``: ``history`` holds the records logged by this
-    call (every ``log_every`` steps and at checkpoints), as written to ``metrics.jsonl``.
+    call (every ``log_every`` steps and at checkpoints, and ``loop.monitor``'s), as written to
+    ``metrics.jsonl``. ``images_per_s`` counts training time only, not the monitor's.
     """
     net = model if net is None else net
     dev = next(net.parameters()).device
@@ -177,7 +199,9 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
         log = MetricsLog(loop.run_dir / "metrics.jsonl", start,
                          loop.run_dir / "tensorboard" if loop.tensorboard else None)
     history: list[dict[str, Any]] = []
-    images_seen, t_last, done, stopping, watch = 0, time.perf_counter(), start, False, FirstNonFinite(dev)
+    if loop.monitor is not None and start == 0:  # the baseline: the weights as pretraining starts them
+        monitored(loop, 0, net, log, history, shown)
+    images_seen, t_last, done, stopping, watch = 0, _clock(), start, False, FirstNonFinite(dev)
     signals = ckpt_dir is not None and loop.stop_on_signal
     stop_ctx = GracefulStop() if signals else contextlib.nullcontext(GracefulStop())
     progress = StepProgress(shown, loop.steps, start, loop.label)
@@ -200,13 +224,15 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
                 scalars = scalars or {k: float(v) for k, v in out.items()}  # one process: the only host sync
                 check_finite(*(watch.first(done, scalars) if loop.world == 1 else (scalars, done)), ckpt_dir, loop)
             if logging:
-                now = time.perf_counter()
+                now = _clock()
                 scalars["images_per_s"] = images_seen / max(now - t_last, 1e-9)
                 history.append({"step": done, "lr": lr_fn(step), **scalars})
                 if log is not None:
                     log.write(history[-1])
                 bar.update(done, {"loss": scalars["loss"], "img/s": scalars["images_per_s"]})
                 images_seen, t_last = 0, now
+            if loop.monitor is not None and (done % loop.monitor_every == 0 or done == loop.steps):
+                t_last += monitored(loop, done, net, log, history, shown)  # before the checkpoint: a resume keeps it
             if boundary or (ckpt_dir is not None and done == loop.steps):
                 save(ckpt_dir, done, net, opt, loop)
             if stopping:

@@ -34,6 +34,7 @@ DATA = {"name": "fractals", "classes": 4, "images_per_class": 8, "image_size": 1
 # of a near-zero gradient into a ±lr step, and the comparison into a test of luck)
 OPTIM = {"name": "sgd", "batch_size": 8, "steps": 4, "warmup_steps": 1, "lr": 0.05}
 RUN = {"precision": "fp32", "checkpoint_every": 2, "log_every": 1, "seed": 3}
+MONITOR = {"task": "digits", "protocol": "knn", "k": 5, "every": 2, "limit": 120}
 
 CASES: dict[str, dict[str, Any]] = {
     # crops and flips drawn per image: each rank must draw what one process draws for its rows
@@ -50,6 +51,12 @@ CASES: dict[str, dict[str, Any]] = {
                     "run": {"checkpoint_every": 3}},
     "fsdp_resumed": {"objective": {"name": "supervised", "crop_pad": 2}, "optim": {"steps": 6},
                      "run": {"strategy": "fsdp", "checkpoint_every": 3}},
+    # run.monitor: under DDP rank 0 scores alone; under FSDP2 every rank gathers the shards first (an lr at
+    # which the probe's score moves within 4 steps)
+    "monitor_ddp": {"objective": {"name": "supervised", "crop_pad": 2}, "optim": {"lr": 0.3},
+                    "run": {"monitor": MONITOR}},
+    "monitor_fsdp": {"objective": {"name": "supervised", "crop_pad": 2}, "optim": {"lr": 0.3},
+                     "run": {"strategy": "fsdp", "monitor": MONITOR}},
     # long enough to be stopped mid-way; resumed on 1 and on 4 processes (2 rows per rank and step)
     "preempted": {"objective": {"name": "supervised", "crop_pad": 2, "flip": True}, "optim": {"steps": 24},
                   "run": {"checkpoint_every": 1000}},
