@@ -152,6 +152,8 @@ def cmd_data_shard(args: argparse.Namespace, console: Console) -> int:
         index = write_shards(data, dst, split, args.size, {"name": spec.name, **spec.kwargs, "split": split},
                              force=args.force)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
+        if isinstance(e, InputError):  # a data error stays one
+            raise
         raise RecipeError(str(e)) from e
     console.print(f"wrote {index['num_samples']} {split} samples in {len(index['shards'])} shards to {dst} "
                   f"(index {dst}/{split}.json)", highlight=False)

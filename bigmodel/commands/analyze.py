@@ -13,7 +13,7 @@ from rich.console import Console
 
 from bigmodel import loader
 from bigmodel.analysis.analyze import probe_and_compare
-from bigmodel.errors import CheckpointError, RecipeError
+from bigmodel.errors import CheckpointError, InputError, RecipeError
 from bigmodel.registry import PROTOCOLS
 from bigmodel.train import build
 from bigmodel.transfer import suites
@@ -62,7 +62,8 @@ def analyze(run_dir: str | Path, task: str, limit: int | None = None, against: s
     try:
         train, test = suites.task_splits(spec.task)
     except (ValueError, FileNotFoundError) as e:
-        raise RecipeError(f"--task {task}: {str(e).splitlines()[0]}") from e
+        kind = type(e) if isinstance(e, InputError) else RecipeError  # a data error stays one
+        raise kind(f"--task {task}: {str(e).splitlines()[0]}") from e
     if limit is not None:
         train, test = (d.subset(torch.arange(min(limit, len(d)))) for d in (train, test))
     finetuned = None

@@ -44,6 +44,7 @@ from torch.utils.data import IterableDataset
 
 from bigmodel.data.base import ImageDataset, MissingData, TensorImages, expand_path
 from bigmodel.data.loader import rank_rows
+from bigmodel.data.shard_check import check_counts
 from bigmodel.errors import DataError
 from bigmodel.registry import DATASETS
 
@@ -150,7 +151,7 @@ class Shards(IterableDataset, ImageDataset):
         self.urls, meta = _resolve(urls, split, index)
         self.counts = meta["counts"]
         if meta.get("shards") is not None:  # counts taken from an index: check them before anything is written
-            _check_counts(self.urls, self.counts)
+            check_counts(self.urls, self.counts)
         self.channels = channels or meta["channels"]
         self.image_size = meta["image_size"]
         self.classes = meta.get("classes")
@@ -303,79 +304,6 @@ def _inside(index: Path, i: int, url: Any) -> str:
         raise DataError(f"shard index {index}: entry {i} {url!r} {why}; an index may only name shard files inside "
                         f"its folder (write a pipe: or remote URL in the recipe's data.urls instead)")
     return str(folder / url)
-
-
-def _check_counts(urls: list[str], counts: list[int]) -> None:
-    """Refuse a local shard holding fewer samples than its index says, when the dataset is built (before
-    a run directory is written) rather than at the step that reaches it. Only the tar headers are read
-    (:func:`_tar_samples`); remote shards, and files that are not plain tars, are checked as they are read."""
-    for url, n in zip(urls, counts, strict=True):
-        if n and Path(url).is_file():
-            got = _tar_samples(Path(url))
-            if got is not None and got < n:
-                raise DataError(f"shard {url} holds fewer samples than its index says ({got} of {n}); "
-                                f"rewrite the index or the shard")
-
-
-_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skipped members (tar_file_iterator's skip_meta)
-_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: the sample key of a member
-
-
-def _tar_samples(path: Path) -> int | None:
-    """The samples of a plain (uncompressed) tar as webdataset groups them: runs of regular members
-    sharing a key, counting only members stored whole. Reads one 512-byte header per member and
-    seeks over the data. ``None`` when the file is not a ustar/pax tar (compressed: not checked)."""
-    try:
-        size = path.stat().st_size
-        if size < 512:
-            return None if size else 0
-        with path.open("rb") as f:
-            samples, key, pos, long_name = 0, None, 0, None
-            while pos + 512 <= size:
-                f.seek(pos)
-                head = f.read(512)
-                if len(head) < 512 or not head.strip(b"\0"):
-                    break
-                if head[257:262] != b"ustar":
-                    return None if pos == 0 else samples
-                field = head[124:136]
-                n = (int.from_bytes(field[1:], "big") if field[0] & 0x80
-                     else int(field.split(b"\0")[0].strip() or b"0", 8))
-                end = pos + 512 + -(-n // 512) * 512
-                if end > size:  # cut short: this member is not whole
-                    break
-                kind, name = head[156:157], head[:100].split(b"\0")[0]
-                if head[345:500].strip(b"\0"):
-                    name = head[345:500].split(b"\0")[0] + b"/" + name
-                if kind in (b"L", b"x"):  # GNU long name, pax header: the next member's name
-                    f.seek(pos + 512)
-                    data = f.read(n)
-                    long_name = (data.split(b"\0")[0] if kind == b"L"
-                                 else next((r.split(b"=", 1)[1] for r in _pax_records(data)
-                                            if r.startswith(b"path=")), None))
-                elif kind in (b"0", b"\0", b"7"):
-                    member = (long_name or name).decode("utf-8", "replace")
-                    long_name = None
-                    match = None if _META.match(member) else _KEY.match(member)
-                    if match and match.group(1) != key:
-                        samples, key = samples + 1, match.group(1)
-                else:
-                    long_name = None if kind != b"g" else long_name
-                pos = end
-    except (OSError, ValueError):
-        return None  # unreadable here: reading the shard reports it
-    return samples
-
-
-def _pax_records(data: bytes) -> Iterator[bytes]:
-    """The ``key=value`` records of a pax header block (``"<length> <key>=<value>\\n"`` each)."""
-    i = 0
-    while i < len(data):
-        length = data[i:].partition(b" ")[0]
-        if not length.isdigit() or int(length) <= 0:
-            return
-        yield data[i + len(length) + 1:i + int(length) - 1]
-        i += int(length)
 
 
 def _scan(urls: list[str]) -> dict[str, Any]:

@@ -118,6 +118,10 @@ CASES = [
          "data error: imagefolder 'imgs': images are not squares of one size (0.png 8x8, 1.png 6x6); "
          "set data.image_size to resize and centre-crop them",
          setup=_images({"a/0.png": 8, "b/1.png": 6}), absent=("r",)),
+    Case("shard-a-bad-npz", ["data", "shard", "npz", "path={tmp}/bad.npz", "{tmp}/sh"], 2,
+         "bad.npz: x_train is empty (shape (0, 8, 8)); it needs at least one image",
+         setup=_npz(x_train=X[:0], y_train=Y[:0]),
+         absent=("sh",)),
 ]
 RECIPE_ERRORS = {"batch-larger-than-data", "one-class-folder"}  # good data, a recipe that does not fit it
 

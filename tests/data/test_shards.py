@@ -16,6 +16,7 @@ from rich.console import Console
 
 from bigmodel import cli
 from bigmodel.commands.pretrain import pretrain
+from bigmodel.data import shard_check
 from bigmodel.data import shards as shards_mod
 from bigmodel.data.base import TensorImages, materialize
 from bigmodel.data.digits import digits
@@ -262,10 +263,10 @@ def test_a_shard_shorter_than_its_index_is_refused_when_built(corpus: Path, tmp_
 
 def test_tar_samples_counts_samples_as_webdataset_groups_them(corpus: Path, tmp_path: Path):
     counts = json.loads((corpus / "train.json").read_text())["shards"]
-    assert [shards_mod._tar_samples(corpus / s["url"]) for s in counts] == [s["count"] for s in counts]
+    assert [shard_check.tar_samples(corpus / s["url"]) for s in counts] == [s["count"] for s in counts]
     (tmp_path / "empty.tar").write_bytes(b"")
     (tmp_path / "gz.tar").write_bytes(b"\x1f\x8b" + b"\x00" * 600)  # not a plain tar: left to the reader
-    assert shards_mod._tar_samples(tmp_path / "empty.tar") == 0 and shards_mod._tar_samples(tmp_path / "gz.tar") is None
+    assert shard_check.tar_samples(tmp_path / "empty.tar") == 0 and shard_check.tar_samples(tmp_path / "gz.tar") is None
 
 
 @pytest.mark.parametrize("bad, message", [
