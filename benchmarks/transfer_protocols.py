@@ -122,11 +122,14 @@ def markdown(rows, args, run_dir, pretrain_s, transfer_s, total_s) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         note = f"- {task}: seconds: " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in res.items())
         if "finetune" in res:
-            s, ft = res["finetune"]["schedule"], by["finetune"]["settings"]
+            s, ft, o = res["finetune"]["schedule"], by["finetune"]["settings"], res["finetune"]["optimizer"]
             note += (f"; fine-tune {s['steps']} steps × batch {s['batch_size']} (BiT regime '{s['regime']}', "
-                     f"lr {s['lr']:g}, warm-up {s['warmup_steps']}, ÷10 at {list(s['decay_steps'])}, MixUp α "
-                     f"{s['mixup_alpha']}, train resize {s['resize']}→crop {s['crop']}, flip {ft['flip']}, "
-                     f"grad clip {ft['grad_clip']})")
+                     f"{o['family']}: {o['optimizer']}, lr {s['lr']:g}, weight decay {s['weight_decay']:g}, "
+                     f"layer decay {o['layer_decay']:g}, drop path {o['drop_path']:g}, grad clip {o['grad_clip']}, "
+                     f"warm-up {s['warmup_steps']}, "
+                     + (f"÷10 at {list(s['decay_steps'])}" if s.get("decay", "step") == "step" else "cosine")
+                     + f", MixUp α "
+                     f"{s['mixup_alpha']}, train resize {s['resize']}→crop {s['crop']}, flip {ft['flip']})")
         notes.append(note)
     pre = f"{pretrain_s:.0f} s" if pretrain_s is not None else "reused"
     return "\n".join([

@@ -9,6 +9,7 @@ loader (:mod:`bigmodel.loader`) rebuilds it, test view included, from the checkp
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -38,11 +39,16 @@ class Schedule:
     resize: int  # training images are resized to resize², then randomly cropped to crop²
     crop: int
     test_size: int
+    decay: str = "step"  # "step": ×decay_factor at each of decay_steps (BiT); "cosine": to 0 (MAE, BEiT)
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up to ``lr``, then ×``decay_factor`` at each of ``decay_steps``."""
+        """Linear warm-up to ``lr``, then ×``decay_factor`` at each of ``decay_steps``, or a cosine to
+        zero at ``steps``."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
+        if self.decay == "cosine":
+            t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * t))
         return self.lr * self.decay_factor ** sum(step >= s for s in self.decay_steps)
 
     def as_dict(self) -> dict[str, Any]:

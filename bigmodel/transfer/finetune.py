@@ -75,12 +75,12 @@ DEFAULT_BASE_LR = 0.4  # this protocol's default at batch 512 (0.1 at 128): benc
 # Each backbone family's optimiser defaults (``Backbone.family``), chosen by measurement
 # (benchmarks/results/finetune_families.md); ``base_lr`` is the peak learning rate at batch 512.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "convnet": {"optimizer": "sgd", "base_lr": DEFAULT_BASE_LR, "weight_decay": 0.0, "layer_decay": 1.0,
-                "drop_path": 0.0, "grad_clip": None},
-    "transformer": {"optimizer": "adamw", "base_lr": 2e-3, "weight_decay": 0.05, "layer_decay": 0.75,
-                    "drop_path": 0.1, "grad_clip": 1.0},
-    "recurrent": {"optimizer": "adamw", "base_lr": 2e-3, "weight_decay": 0.05, "layer_decay": 1.0,
-                  "drop_path": 0.0, "grad_clip": 1.0},
+    "convnet": {"optimizer": "sgd", "base_lr": DEFAULT_BASE_LR, "decay": "step", "weight_decay": 0.0,
+                "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None},
+    "transformer": {"optimizer": "adamw", "base_lr": 8e-3, "decay": "cosine", "weight_decay": 0.05,
+                    "layer_decay": 0.75, "drop_path": 0.1, "grad_clip": 1.0},
+    "recurrent": {"optimizer": "adamw", "base_lr": 8e-3, "decay": "cosine", "weight_decay": 0.05,
+                  "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": 1.0},
 }
 MIXUP_FROM, MIXUP_ALPHA = 20_000, 0.1
 SMALL_AREA = 96 * 96
@@ -128,6 +128,7 @@ class Finetune(Protocol):
         BiT's 0.003 leaves short schedules at chance, see benchmarks/results/finetune_lr.md).
     lr: peak learning rate (default: base_lr · batch_size / 512).
     warmup_steps: linear warm-up steps.
+    decay: ``step`` (BiT: ×0.1 at ``decay_at``) or ``cosine`` (to zero at the last step: MAE, BEiT); family.
     decay_at: fractions of training at which the learning rate drops ×0.1 (published: steps
         200/300/400 of 500, 3k/6k/9k of 10k, 6k/12k/18k of 20k).
     mixup_alpha: MixUp's α, 0 = off (published: 0.1 from 20k training images).
@@ -166,6 +167,7 @@ class Finetune(Protocol):
         base_lr: Annotated[float, Field(gt=0)] | None = None,
         lr: Annotated[float, Field(gt=0)] | None = None,
         warmup_steps: Annotated[int, Field(ge=0)] | None = None,
+        decay: Literal["step", "cosine"] | None = None,
         decay_at: tuple[Annotated[float, Field(ge=0, le=1)], ...] | None = None,
         mixup_alpha: Annotated[float, Field(ge=0)] | None = None,
         momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9,
@@ -189,6 +191,7 @@ class Finetune(Protocol):
         self.base_lr = base_lr
         self.lr = lr
         self.warmup_steps = warmup_steps
+        self.decay = decay
         self.decay_at = None if decay_at is None else tuple(decay_at)
         self.mixup_alpha = mixup_alpha
         self.momentum = momentum
@@ -221,7 +224,7 @@ class Finetune(Protocol):
                       steps=self.steps, schedule_scale=self.schedule_scale, decay_at=self.decay_at)
         given = {"lr": self.lr, "warmup_steps": self.warmup_steps, "mixup_alpha": self.mixup_alpha,
                  "resize": self.resize}
-        s = dataclasses.replace(s, momentum=self.momentum, weight_decay=weight_decay,
+        s = dataclasses.replace(s, momentum=self.momentum, weight_decay=weight_decay, decay=opt["decay"],
                                 **{k: v for k, v in given.items() if v is not None})
         if s.resize < s.crop:
             raise ValueError(f"finetune: resize={s.resize} is smaller than the crop ({s.crop})")

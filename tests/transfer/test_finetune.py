@@ -311,7 +311,8 @@ def test_each_family_gets_its_optimiser_and_a_key_overrides_it():
     assert (ResNet(depth=18, width=0.25, in_chans=1).family, _vit().family, LSTM(16, 4, 1).family) == \
         ("convnet", "transformer", "recurrent")
     assert Finetune().optimiser_settings("convnet") == {"optimizer": "sgd", "base_lr": 0.4, "weight_decay": 0.0,
-                                                        "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None}
+                                                        "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None,
+                                                        "decay": "step"}
     assert Finetune().optimiser_settings("transformer") == FAMILY_DEFAULTS["transformer"]
     assert Finetune(optimizer="sgd", base_lr=0.1).optimiser_settings("transformer")["optimizer"] == "sgd"
     s = Finetune(batch_size=128).schedule(5_000, 28, 28, "transformer")
