@@ -72,15 +72,15 @@ REGIMES = ((20_000, "small", 500, 100, (200, 300, 400)),
            (math.inf, "large", 20_000, 500, (6_000, 12_000, 18_000)))
 BASE_LR, BASE_BATCH = 0.003, 512  # BiT's learning rate at its batch size
 DEFAULT_BASE_LR = 0.4  # this protocol's default at batch 512 (0.1 at 128): benchmarks/results/finetune_lr.md
-# Each backbone family's optimiser defaults (``Backbone.family``), chosen by measurement
-# (benchmarks/results/finetune_families.md); ``base_lr`` is the peak learning rate at batch 512.
+# Each backbone family's fine-tuning defaults (``Backbone.family``: optimiser, schedule shape, training
+# view), chosen by measurement (benchmarks/results/finetune_families.md); ``base_lr``: peak lr at batch 512.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "convnet": {"optimizer": "sgd", "base_lr": DEFAULT_BASE_LR, "decay": "step", "weight_decay": 0.0,
-                "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None},
+                "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None, "bit_crop": True},
     "transformer": {"optimizer": "adamw", "base_lr": 8e-3, "decay": "cosine", "weight_decay": 0.05,
-                    "layer_decay": 0.75, "drop_path": 0.1, "grad_clip": 1.0},
+                    "layer_decay": 0.75, "drop_path": 0.1, "grad_clip": 1.0, "bit_crop": False},
     "recurrent": {"optimizer": "adamw", "base_lr": 8e-3, "decay": "cosine", "weight_decay": 0.05,
-                  "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": 1.0},
+                  "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": 1.0, "bit_crop": False},
 }
 MIXUP_FROM, MIXUP_ALPHA = 20_000, 0.1
 SMALL_AREA = 96 * 96
@@ -142,6 +142,9 @@ class Finetune(Protocol):
     drop_path: stochastic depth over the transformer blocks during fine-tuning (family).
     grad_clip: clip the global gradient norm (family; BiT: none).
     resize: training resize side before the random crop (published: image_size · 160/128).
+    bit_crop: BiT's resize-then-random-crop (family: convnets); off, the image is resized to the
+        backbone's size and not cropped (transformers: a ViT's position embeddings then see objects
+        at the scale they were pretrained on; measured in benchmarks/results/finetune_families.md).
     flip: random horizontal flips in training (BiT flips every task; off by default here: a
         mirrored digit or letter is another symbol; turn on for natural images).
     test_crop: test on the centre crop of the image resized as in training, so that objects have
@@ -177,6 +180,7 @@ class Finetune(Protocol):
         drop_path: Annotated[float, Field(ge=0, lt=1)] | None = None,
         grad_clip: Annotated[float, Field(gt=0)] | None = None,
         resize: Annotated[int, Field(ge=1)] | None = None,
+        bit_crop: bool | None = None,
         flip: bool = False,
         test_crop: bool = True,
         seed: int = 0,
@@ -201,6 +205,7 @@ class Finetune(Protocol):
         self.drop_path = drop_path
         self.grad_clip = grad_clip
         self.resize = resize
+        self.bit_crop = bit_crop
         self.flip = flip
         self.test_crop = test_crop
         self.seed = seed
@@ -209,8 +214,8 @@ class Finetune(Protocol):
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
 
-    def optimiser_settings(self, family: str = "convnet") -> dict[str, Any]:
-        """The optimiser keys for a backbone of ``family``: :data:`FAMILY_DEFAULTS`, then every key this
+    def family_settings(self, family: str = "convnet") -> dict[str, Any]:
+        """The family keys for a backbone of ``family``: :data:`FAMILY_DEFAULTS`, then every key this
         protocol was given (a grad_clip given as ``None`` is the family's: give a large one to turn it off)."""
         defaults = FAMILY_DEFAULTS[family]
         return {k: defaults[k] if getattr(self, k) is None else getattr(self, k) for k in defaults}
@@ -218,12 +223,12 @@ class Finetune(Protocol):
     def schedule(self, num_train_examples: int, image_size: int, source_size: int,
                  family: str = "convnet") -> Schedule:
         """:func:`hyperrule` for the task, with this protocol's overrides and ``family``'s defaults applied."""
-        opt = self.optimiser_settings(family)
+        opt = self.family_settings(family)
         base_lr, weight_decay = opt["base_lr"], opt["weight_decay"]
         s = hyperrule(num_train_examples, self.batch_size, image_size, source_size, base_lr=base_lr,
                       steps=self.steps, schedule_scale=self.schedule_scale, decay_at=self.decay_at)
         given = {"lr": self.lr, "warmup_steps": self.warmup_steps, "mixup_alpha": self.mixup_alpha,
-                 "resize": self.resize}
+                 "resize": self.resize if self.resize is not None or opt["bit_crop"] else image_size}
         s = dataclasses.replace(s, momentum=self.momentum, weight_decay=weight_decay, decay=opt["decay"],
                                 **{k: v for k, v in given.items() if v is not None})
         if s.resize < s.crop:
@@ -237,12 +242,12 @@ class Finetune(Protocol):
         seed = self.seed if seed is None else seed
         dev = next(backbone.parameters()).device
         s = self.schedule(len(train), backbone.image_size, train.image_size, backbone.family)
-        opt_settings = self.optimiser_settings(backbone.family)
+        fam = self.family_settings(backbone.family)
         identity = self.identity(backbone, train, seed, s)
         run_dir = self._run_dir(identity)
         log_every = max(1, s.steps // 20)
         dtype = autocast_dtype(self.precision, dev)
-        loop = Loop(steps=s.steps, seed=seed, grad_clip=opt_settings["grad_clip"], dtype=dtype, run_dir=run_dir,
+        loop = Loop(steps=s.steps, seed=seed, grad_clip=fam["grad_clip"], dtype=dtype, run_dir=run_dir,
                     checkpoint_every=self.checkpoint_every or max(1, s.steps // 10),
                     log_every=log_every, stop_on_signal=False, label="finetune", lr_key="finetune lr",
                     meta={"finetune": identity, **rebuild_meta(backbone, train)})
@@ -251,8 +256,8 @@ class Finetune(Protocol):
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)  # stochastic depth and the like draw from the global RNG
             model = Classifier(copy.deepcopy(backbone), train.num_classes, s, self.flip, self.test_crop).to(dev).train()
-            model.backbone.set_drop_path(opt_settings["drop_path"])
-            opt = optimiser(model, s, opt_settings)
+            model.backbone.set_drop_path(fam["drop_path"])
+            opt = optimiser(model, s, fam)
             out = fit(model, opt, s.lr_at, lambda start: batches(train, s.batch_size, seed, start, s.steps), loop,
                       console or Console())
         records = read_metrics(run_dir / "metrics.jsonl") if run_dir is not None else out["history"]
@@ -268,7 +273,7 @@ class Finetune(Protocol):
         starting weights (a hash of the backbone's state dict: the source checkpoint)."""
         settings = {k: v for k, v in vars(self).items() if k not in ("checkpoint_dir", "checkpoint_every",
                                                                       "eval_batch_size")}
-        settings.update(self.optimiser_settings(backbone.family), family=backbone.family)
+        settings.update(self.family_settings(backbone.family), family=backbone.family)
         state = sorted(backbone.state_dict().items())
         identity = {"schedule": s.as_dict(), **settings, "seed": seed,
                     "task": {"num_classes": train.num_classes, "classes": [str(c) for c in train.classes or []],
@@ -301,7 +306,7 @@ class Finetune(Protocol):
         pred = self.predict_proba(model, test).argmax(1)
         return {"top1": 100.0 * (pred == test.targets).float().mean().item(), "train_loss": model.train_loss,
                 "schedule": s.as_dict(),
-                "optimizer": {"family": backbone.family, **self.optimiser_settings(backbone.family)}}
+                "optimizer": {"family": backbone.family, **self.family_settings(backbone.family)}}
 
 
 def optimiser(model: Classifier, s: Schedule, settings: dict[str, Any]) -> torch.optim.Optimizer:

@@ -310,15 +310,24 @@ def test_each_family_gets_its_optimiser_and_a_key_overrides_it():
     from bigmodel.transfer.finetune import FAMILY_DEFAULTS
     assert (ResNet(depth=18, width=0.25, in_chans=1).family, _vit().family, LSTM(16, 4, 1).family) == \
         ("convnet", "transformer", "recurrent")
-    assert Finetune().optimiser_settings("convnet") == {"optimizer": "sgd", "base_lr": 0.4, "weight_decay": 0.0,
+    assert Finetune().family_settings("convnet") == {"optimizer": "sgd", "base_lr": 0.4, "weight_decay": 0.0,
                                                         "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None,
-                                                        "decay": "step"}
-    assert Finetune().optimiser_settings("transformer") == FAMILY_DEFAULTS["transformer"]
-    assert Finetune(optimizer="sgd", base_lr=0.1).optimiser_settings("transformer")["optimizer"] == "sgd"
+                                                        "decay": "step", "bit_crop": True}
+    assert Finetune().family_settings("transformer") == FAMILY_DEFAULTS["transformer"]
+    assert Finetune(optimizer="sgd", base_lr=0.1).family_settings("transformer")["optimizer"] == "sgd"
     s = Finetune(batch_size=128).schedule(5_000, 28, 28, "transformer")
     assert s.lr == FAMILY_DEFAULTS["transformer"]["base_lr"] * 128 / 512
     assert s.weight_decay == FAMILY_DEFAULTS["transformer"]["weight_decay"]
     assert Finetune(batch_size=128).schedule(5_000, 28, 28).lr == 0.1  # a convnet's without a family
+    # the training view: BiT's upscale-then-crop for convnets, the backbone's size for transformers
+    assert Finetune().schedule(5_000, 28, 28).resize == 35
+    assert Finetune().schedule(5_000, 28, 28, "transformer").resize == 28
+    assert Finetune(bit_crop=True).schedule(5_000, 28, 28, "transformer").resize == 35
+    assert Finetune(resize=32).schedule(5_000, 28, 28, "transformer").resize == 32
+    assert Finetune().schedule(5_000, 28, 28, "transformer").decay == "cosine"
+    cos = Finetune(steps=10, warmup_steps=2).schedule(5_000, 28, 28, "transformer")
+    assert [round(cos.lr_at(k) / cos.lr, 4) for k in range(10)] == [0.5, 1.0, 1.0, 0.9619, 0.8536, 0.6913, 0.5,
+                                                                     0.3087, 0.1464, 0.0381]
 
 
 def test_transformer_layers_get_decayed_learning_rates_and_matrices_alone_are_decayed():
