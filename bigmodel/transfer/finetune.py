@@ -310,21 +310,24 @@ class Finetune(Protocol):
 
 
 def optimiser(model: Classifier, s: Schedule, settings: dict[str, Any]) -> torch.optim.Optimizer:
-    """SGD over every weight (BiT), or AdamW over parameter groups: the backbone's layers with their
-    ``lr_scale`` (layer-wise decay, which :func:`bigmodel.train.trainer.fit` applies) and weight decay
-    on matrices only, the head at the full learning rate."""
-    if settings["optimizer"] == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    bb, decay = model.backbone, settings["layer_decay"]
+    """SGD (BiT) or AdamW (betas 0.9, 0.999). Without layer-wise decay SGD treats every weight alike,
+    as BiT does; otherwise (and always for AdamW) the parameters are grouped: the backbone's layers with
+    their ``lr_scale`` (which :func:`bigmodel.train.trainer.fit` applies), weight decay on matrices
+    only, the head at the full learning rate."""
+    bb, decay, sgd = model.backbone, settings["layer_decay"], settings["optimizer"] == "sgd"
     if decay < 1 and bb.group_matcher() is None:
         raise ValueError(f"finetune: layer_decay={decay} needs a backbone whose layers are grouped "
                          f"({type(bb).__name__} has none); set layer_decay: 1")
+    if sgd and decay == 1:
+        return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     skip = bb.no_weight_decay()
     groups = (param_groups_layer_decay(bb, s.weight_decay, skip, layer_decay=decay) if decay < 1
               else param_groups_weight_decay(bb, s.weight_decay, skip))
     for g in groups:  # timm scales the top layer by 1; the head is one layer above it (MAE's layer ids)
         g["lr_scale"] = g.get("lr_scale", 1.0) * decay
     groups += [{**g, "lr_scale": 1.0} for g in param_groups_weight_decay(model.head, s.weight_decay)]
+    if sgd:
+        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
     return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
 
 

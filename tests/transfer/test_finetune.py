@@ -356,6 +356,16 @@ def test_transformer_layers_get_decayed_learning_rates_and_matrices_alone_are_de
     assert decay["backbone.vit.cls_token"] == decay["backbone.vit.norm.weight"] == 0.0
 
 
+def test_sgd_takes_layer_decay_too():
+    from bigmodel.transfer.finetune import optimiser
+    model = Classifier(_vit(), 10, hyperrule(1000, image_size=16))
+    plain = optimiser(model, model.schedule, {"optimizer": "sgd", "layer_decay": 1.0})
+    assert isinstance(plain, torch.optim.SGD) and len(plain.param_groups) == 1  # BiT: every weight alike
+    decayed = optimiser(model, model.schedule, {"optimizer": "sgd", "layer_decay": 0.5})
+    assert isinstance(decayed, torch.optim.SGD)
+    assert sorted({g["lr_scale"] for g in decayed.param_groups}) == [0.5 ** e for e in range(5, -1, -1)]
+
+
 def test_the_loop_applies_each_groups_scale_to_the_scheduled_lr(monkeypatch):
     seen = []
     real = trainer.train_step
