@@ -12,6 +12,7 @@ import yaml
 from bigmodel import api, cli
 from bigmodel.recipe import RecipeError
 from bigmodel.transfer import suites
+from bigmodel.transfer.finetune import FAMILY_DEFAULTS
 
 
 @pytest.mark.parametrize("name", suites.suite_names())
@@ -71,7 +72,8 @@ def test_suite_over_digits_and_mnist_end_to_end(tiny_run, mnist_npz, tmp_path):
     finetune = report["transfer"][4]
     assert finetune["settings"]["steps"] == 4
     assert finetune["results"]["pretrained"]["schedule"]["steps"] == 4
-    assert finetune["results"]["pretrained"]["schedule"]["resize"] == 20  # 16 · 160/128
+    assert finetune["results"]["pretrained"]["schedule"]["resize"] == 16  # a ViT trains on the whole image
+    assert finetune["results"]["pretrained"]["optimizer"] == {"family": "transformer", **FAMILY_DEFAULTS["transformer"]}
 
 
 def _one(run, pattern):
