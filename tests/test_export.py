@@ -191,7 +191,8 @@ def assert_onnx_parity(path: Path, objective, c: int, s: int, outputs: list[str]
             torch.testing.assert_close(torch.from_numpy(got[name]), ref[name], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("recipe,overrides,c,s,outputs", [pytest.param(*r[1:], id=r[0]) for r in ONNX])
+@pytest.mark.parametrize("recipe,overrides,c,s,outputs", [  # make test: the ViT; test-all: every family
+    pytest.param(*r[1:], id=r[0], marks=() if r[0] == "vit" else pytest.mark.slow) for r in ONNX])
 def test_onnx_matches_pytorch_at_any_batch_size(tmp_path, recipe, overrides, c, s, outputs):
     run = saved_run(tmp_path, recipe, overrides)
     result = export(run, "onnx")
@@ -206,6 +207,7 @@ def test_onnx_matches_pytorch_at_any_batch_size(tmp_path, recipe, overrides, c, 
     assert (result["config"]["num_classes"], result["config"].get("label_names")) == (n, CLASSES if n else None)
 
 
+@pytest.mark.slow  # 7 s; test-all (CI) runs it
 def test_onnx_out_ending_in_onnx_is_the_model_file(tmp_path):
     """``--out vit.onnx`` writes the model file ``vit.onnx`` with config.json beside it; any other
     name is a folder."""

@@ -195,6 +195,7 @@ def test_bad_settings_are_refused_naming_the_key():
 # The EMA state in checkpoints: stopped and resumed equals straight through
 
 
+@pytest.mark.slow  # 8 s; test-all (CI) runs it; the EMA unit tests run in make test
 def test_zoo_recipe_stopped_and_resumed_is_bit_exact(tmp_path, mnist_npz):
     """byol-resnet's tiny run, 4 steps straight vs stopped by SIGTERM after step 1 and resumed: the
     same weights (the target's and ema_steps included) and the same logged losses."""

@@ -152,6 +152,7 @@ def straight(tmp_path_factory) -> Path:
     return whole
 
 
+@pytest.mark.slow  # 8 s; test-all (CI) runs it
 def test_a_full_disk_at_a_checkpoint_exits_5_with_one_line_and_the_rerun_finishes(straight, tmp_path, capsys,
                                                                                   monkeypatch) -> None:
     """Issue 17: ENOSPC while writing step 4's checkpoint was a SafetensorError / torch traceback,
@@ -187,6 +188,7 @@ def test_a_full_disk_at_a_checkpoint_exits_5_with_one_line_and_the_rerun_finishe
     assert steps_logged(full) == steps_logged(whole) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow  # 7 s; test-all (CI) runs it
 def test_a_torn_last_metrics_line_is_dropped_with_a_note_and_resume_ends_as_the_straight_run(straight, tmp_path,
                                                                                             capsys) -> None:
     """Issue 17: a kill while writing step 5's metrics line left half a JSON line after the step-4
