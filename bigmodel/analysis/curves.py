@@ -55,6 +55,9 @@ def monitor(metrics: list[dict[str, Any]], gflops_per_step: float | None = None)
     if not steps:
         return None
     out: dict[str, Any] = {"step": steps, "top1": top1, "seconds": series(metrics, "monitor_s")[1]}
+    pixels = series(metrics, "monitor_top1_pixels")[1]
+    if pixels:  # the same probe on raw pixels, taken with the step-0 value
+        out["pixels_top1"] = pixels[0]
     if gflops_per_step:
         out["pretrain_flops"] = [s * gflops_per_step * 1e9 for s in steps]
     return out
@@ -62,7 +65,7 @@ def monitor(metrics: list[dict[str, Any]], gflops_per_step: float | None = None)
 
 def monitor_png(section: dict[str, Any], title: str) -> bytes:
     """The probe's top-1 against pretraining steps (left) and FLOPs (right) as PNG bytes, the step-0
-    value (random init) drawn across both as a dashed baseline."""
+    value (random init) and the raw-pixel score drawn across both as dashed baselines."""
     import io
 
     import matplotlib
@@ -81,6 +84,9 @@ def monitor_png(section: dict[str, Any], title: str) -> bytes:
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
         if section["step"][0] == 0:
             ax.axhline(section["top1"][0], color="grey", linestyle="--", linewidth=1, label="random init (step 0)")
+        if "pixels_top1" in section:
+            ax.axhline(section["pixels_top1"], color="tab:blue", linestyle=":", linewidth=1, label="raw pixels")
+        if section["step"][0] == 0 or "pixels_top1" in section:
             ax.legend(loc="lower right", fontsize=8)
         ax.set(xlabel=label, ylabel="top-1 %")
         ax.grid(alpha=0.3)

@@ -90,6 +90,13 @@ class Monitor:
             return {}
         x_train, x_test = (base.features(backbone, split, self.batch_size, self.dtype)
                            for split in (self.train, self.test))
+        out = self.score(x_train, x_test)
+        if step == 0:  # the reader's other baseline, once: the same probe on the raw pixels
+            pixels = self.score(base.pixels(self.train), base.pixels(self.test))
+            out.update({f"{k}_pixels": v for k, v in pixels.items()})
+        return out
+
+    def score(self, x_train: torch.Tensor, x_test: torch.Tensor) -> dict[str, float]:
         res = self.protocol.fit_score(x_train, self.train.targets, x_test, self.test.targets)
         return {f"monitor_{k}": float(v) for k, v in res.items()
                 if isinstance(v, int | float) and not isinstance(v, bool)}

@@ -70,15 +70,19 @@ def runs(tmp_path_factory) -> Path:
     return out
 
 
-def reference_knn(backbone: torch.nn.Module) -> float:
-    """kNN top-1 of the transfer protocol on the fixed subset, computed here from the task itself."""
+def reference_knn(backbone: torch.nn.Module | None) -> float:
+    """kNN top-1 of the transfer protocol on the fixed subset, computed here from the task itself
+    (``None``: on the raw pixels)."""
     def fixed(split):
         data = digits(split=split)
         keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:LIMIT].sort().values
         return data.subset(keep)
 
     train, test = fixed("train"), fixed("test")
-    x_train, x_test = base.features(backbone, train), base.features(backbone, test)
+    if backbone is None:
+        x_train, x_test = base.pixels(train), base.pixels(test)
+    else:
+        x_train, x_test = base.features(backbone, train), base.features(backbone, test)
     return KNN(k=K).fit_score(x_train, train.targets, x_test, test.targets)["top1"]
 
 
@@ -96,6 +100,8 @@ def test_each_value_is_the_protocols_score_of_that_steps_weights(runs: Path):
                                   if k.startswith("backbone.")})
         assert logged[step] == reference_knn(backbone.eval())
     assert logged[4] != logged[0]  # the weights moved, and the probe saw it
+    pixels = [rec["monitor_top1_pixels"] for rec in records(run_dir) if "monitor_top1_pixels" in rec]
+    assert pixels == [reference_knn(None)]  # the raw-pixel baseline, once, with step 0
     for rec in records(run_dir):  # monitor records stand apart from the training records
         assert ("monitor_top1" in rec) == ("monitor_s" in rec) != ("loss" in rec)
 
@@ -117,6 +123,7 @@ def test_report_draws_the_values_against_steps_and_flops(runs: Path):
     logged = monitored(run_dir)
     assert section["step"] == [s for s, _ in logged] and section["top1"] == [v for _, v in logged]
     assert section["pretrain_flops"] == [0.0, 0.5e9, 1.0e9]
+    assert section["pixels_top1"] == reference_knn(None)  # drawn as the second baseline
     assert (section["task"], section["protocol"], section["k"], section["every"], section["limit"]) == (
         "digits", "knn", K, 2, LIMIT)
     assert json.loads(json_path.read_text())["curves"]["step"] == [1, 2, 3, 4]  # training records only
