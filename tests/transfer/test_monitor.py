@@ -230,4 +230,5 @@ def test_two_processes_log_the_values_of_one(tmp_path: Path):
         state = dist_cases.final_weights(tmp_path / "two" / case)
         backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
                                   if k.startswith("backbone.")})
-        assert two[-1][1] == reference_knn(backbone.eval())
+        # features here and on rank 0 run with other thread counts: float noise may flip one kNN vote
+        assert two[-1][1] == pytest.approx(reference_knn(backbone.eval()), abs=100 / LIMIT + 1e-6)
