@@ -33,8 +33,9 @@ BEiT (Bao et al., 2022) do: AdamW, layer-wise lr decay (block ``i`` of ``L`` at 
 timm's ``param_groups_layer_decay`` over the backbone's ``group_matcher``), weight decay 0.05 on the
 matrices only, stochastic depth, gradient clipping. :data:`FAMILY_DEFAULTS` holds each family's
 defaults (``Backbone.family``) in one place; every key is a protocol setting, so a recipe or ``--set``
-overrides it. The schedule (length, warm-up, decay steps, MixUp, resolution) is BiT-HyperRule's for
-every family. Measurements: ``benchmarks/results/finetune_families.md``.
+overrides it. The schedule's length, warm-up and MixUp are BiT-HyperRule's for every family; its
+decay (BiT's ÷10 steps or a cosine) and the training view (BiT's upscale-then-crop or the whole image)
+are family keys. Measurements: ``benchmarks/results/finetune_families.md``.
 """
 
 from __future__ import annotations
