@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT = ["quickstart", "run.tiny=true", "optim.batch_size=128", "run.precision=fp32", "data.images_per_class=64"]
+DEFAULT = ["fractals-vit", "run.tiny=true", "optim.batch_size=128", "run.precision=fp32", "data.images_per_class=64"]
 
 
 def measure(recipe: list[str], procs: int, steps: int, threads: int, warmup: int) -> dict:
@@ -74,7 +74,7 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", nargs="*",
-                   help="zoo name or YAML file, then key=value overrides (default: tiny quickstart)")
+                   help="zoo name or YAML file, then key=value overrides (default: tiny fractals-vit)")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="steps left out at the start")

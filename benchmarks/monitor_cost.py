@@ -25,7 +25,7 @@ from bigmodel.transfer.monitor import Monitor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", nargs="?", default="quickstart")
+    parser.add_argument("recipe", nargs="?", default="fractals-vit")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)

@@ -10,7 +10,7 @@ for a CPU) vs linear probe vs kNN vs few-shot (1/5/10) on MNIST and CIFAR-10 fro
 
 ``--from-scratch`` also fine-tunes the checkpoint's random-init twin (``build.random_twin``: the
 recipe's architecture and seed, no training) with the same protocol and steps, in its own column.
-With ``--pretrain`` the checkpoint is made first (``bigmodel pretrain quickstart OVERRIDES``) unless
+With ``--pretrain`` the checkpoint is made first (``bigmodel pretrain fractals-vit OVERRIDES``) unless
 the directory already holds one. Writes a markdown table (and prints it); the rows with every
 setting, schedule and version are saved in ``CHECKPOINT/transfer/NAME.json``.
 """
@@ -29,7 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="run directory (created with --pretrain if absent)")
     p.add_argument("--pretrain", nargs="*", default=None, metavar="KEY=VALUE",
-                   help="make the checkpoint with `bigmodel pretrain quickstart KEY=VALUE...` first")
+                   help="make the checkpoint with `bigmodel pretrain fractals-vit KEY=VALUE...` first")
     p.add_argument("--data", default=None, help="folder with mnist.npz and cifar10.npz (default: ../shared/data)")
     p.add_argument("--mnist-limit", type=int, default=10_000, help="first N images of each MNIST split (0: all)")
     p.add_argument("--cifar-limit", type=int, default=None, help="first N images of each CIFAR-10 split")
@@ -60,7 +60,7 @@ def main() -> None:
     pretrain_s = None
     if args.pretrain is not None and checkpoint.latest(run_dir) is None:
         t0 = time.perf_counter()
-        api.run_pipeline(resolve("quickstart", [f"run.out={run_dir}", *args.pretrain]), transfer=False)
+        api.run_pipeline(resolve("fractals-vit", [f"run.out={run_dir}", *args.pretrain]), transfer=False)
         pretrain_s = time.perf_counter() - t0
     data = Path(args.data) if args.data else suites.shared_data()
     finetune = {}

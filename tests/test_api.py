@@ -37,7 +37,7 @@ def tiny(tmp_path_factory) -> tuple[bigmodel.Result, torch.nn.Module]:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(build, "experiment", spy)
-        result = bigmodel.run("quickstart", {"run.tiny": True, "run.out": str(out), "run.precision": "fp32",
+        result = bigmodel.run("fractals-vit", {"run.tiny": True, "run.out": str(out), "run.precision": "fp32",
                                              "run.figures": False, "transfer": [KNN]}, quiet=True)
     return result, built["model"]
 
@@ -87,9 +87,9 @@ BAD = [
 def test_bad_overrides_raise_what_the_cli_prints(tmp_path, capsys, overrides, argv, message) -> None:
     out = tmp_path / "run"
     with pytest.raises(RecipeError) as raised:
-        bigmodel.run("quickstart", {**overrides, "run.out": str(out)}, quiet=True)
+        bigmodel.run("fractals-vit", {**overrides, "run.out": str(out)}, quiet=True)
     assert str(raised.value) == message
-    assert main(["run", "quickstart", *argv.split(), f"run.out={out}"]) == 2
+    assert main(["run", "fractals-vit", *argv.split(), f"run.out={out}"]) == 2
     assert capsys.readouterr().err == f"recipe error: {message}\n"
     assert not out.exists()
 
@@ -98,23 +98,23 @@ def test_overrides_take_the_cli_forms_and_sources() -> None:
     cli = ["run.tiny=true", "optim.lr=0.002", "data.name=npz", "data.path=/m.npz"]
     typed = {"run.tiny": True, "optim.lr": 0.002, "data.name": "npz", "data.path": "/m.npz"}
     notes: list[str] = []
-    expected = resolve("quickstart", cli, note=notes.append).raw
+    expected = resolve("fractals-vit", cli, note=notes.append).raw
     assert notes == ["tiny keys data.classes, data.images_per_class dropped: data is now npz"]
-    for source in ("quickstart", yaml.safe_load(zoo_text("quickstart"))):
+    for source in ("fractals-vit", yaml.safe_load(zoo_text("fractals-vit"))):
         for overrides in (typed, cli):
             got = []
             assert bigmodel.resolve_recipe(source, overrides, note=got.append).raw == expected
             assert got == notes
     # a resolved Recipe: overrides apply to its values, its tiny keys are not applied again
-    r = bigmodel.resolve_recipe("quickstart", {"run.tiny": True, "run.out": "x", "optim.steps": 3})
+    r = bigmodel.resolve_recipe("fractals-vit", {"run.tiny": True, "run.out": "x", "optim.steps": 3})
     again = bigmodel.resolve_recipe(r, {"optim.lr": 0.01})
-    assert again.raw == resolve("quickstart", ["run.tiny=true", "run.out=x", "optim.steps=3", "optim.lr=0.01"]).raw
+    assert again.raw == resolve("fractals-vit", ["run.tiny=true", "run.out=x", "optim.steps=3", "optim.lr=0.01"]).raw
     assert bigmodel.resolve_recipe(r) is r
     for bad in ({"": 1}, {3: 1}):
         with pytest.raises(RecipeError, match=r"expected a dotted section.key, e\.g\. optim\.lr"):
-            bigmodel.resolve_recipe("quickstart", bad)
+            bigmodel.resolve_recipe("fractals-vit", bad)
     with pytest.raises(TypeError, match="not the string"):
-        bigmodel.resolve_recipe("quickstart", "run.tiny=true")
+        bigmodel.resolve_recipe("fractals-vit", "run.tiny=true")
 
 
 def test_load_gives_the_trained_backbone(tiny) -> None:

@@ -87,7 +87,7 @@ def test_tiny_run_end_to_end(tmp_path) -> None:
 
 def test_transfer_command_on_a_checkpoint(tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    assert main(["pretrain", "quickstart", "run.tiny=true", "run.precision=fp32", f"run.out={out}"]) == 0
+    assert main(["pretrain", "fractals-vit", "run.tiny=true", "run.precision=fp32", f"run.out={out}"]) == 0
     capsys.readouterr()
     assert main(["transfer", str(out), "--task", "digits", "--protocol", "knn", "--json"]) == 0
     stdout = capsys.readouterr().out

@@ -80,7 +80,7 @@ def assert_timm_parity(run: Path, folder: Path, c: int, s: int) -> dict:
 
 @pytest.mark.parametrize("global_pool,in_chans", [("token", 1), ("avg", 3)])
 def test_timm_vit_computes_our_features_and_logits(tmp_path, global_pool, in_chans):
-    run = saved_run(tmp_path, "quickstart", [*VIT, f"architecture.global_pool={global_pool}",
+    run = saved_run(tmp_path, "fractals-vit", [*VIT, f"architecture.global_pool={global_pool}",
                                              f"architecture.in_chans={in_chans}", f"data.channels={in_chans}"])
     result = export(run, "timm")
     folder = Path(result["out"])
@@ -122,10 +122,10 @@ TIMM_ARCH = {  # architecture: timm, tiny members of a CNN and a ViT family
 
 @pytest.mark.parametrize("kind", sorted(TIMM_ARCH))
 def test_timm_architecture_exports_as_itself(tmp_path, kind):
-    run = saved_run(tmp_path, "quickstart", ["run.tiny=true", f"architecture={TIMM_ARCH[kind]}"])
+    run = saved_run(tmp_path, "fractals-vit", ["run.tiny=true", f"architecture={TIMM_ARCH[kind]}"])
     s = 32 if kind == "convnext" else 16
     cfg = assert_timm_parity(run, Path(export(run, "timm")["out"]), 1, s)
-    section = resolve("quickstart", ["run.tiny=true", f"architecture={TIMM_ARCH[kind]}"], note=lambda _: None).raw
+    section = resolve("fractals-vit", ["run.tiny=true", f"architecture={TIMM_ARCH[kind]}"], note=lambda _: None).raw
     assert cfg["architecture"] == section["architecture"]["model"]
     expected = {"in_chans": 1, **section["architecture"]["model_kwargs"], "num_classes": 3}
     if kind == "deit":
@@ -164,7 +164,7 @@ def test_timm_refuses_what_it_cannot_express_and_writes_nothing(tmp_path, capsys
 
 
 ONNX = [  # supervised checkpoints carry their classifier: logits and features
-    ("vit", "quickstart", VIT, 1, 16, ["logits", "features"]),
+    ("vit", "fractals-vit", VIT, 1, 16, ["logits", "features"]),
     ("resnet-small-stem", "supervised-resnet", ["run.tiny=true", "architecture.image_size=16"], 1, 16,
      ["logits", "features"]),
     ("v-moe", "mae-vit-moe", ["run.tiny=true", "architecture.image_size=16"], 1, 16, ["features"]),
@@ -211,7 +211,7 @@ def test_onnx_matches_pytorch_at_any_batch_size(tmp_path, recipe, overrides, c, 
 def test_onnx_out_ending_in_onnx_is_the_model_file(tmp_path):
     """``--out vit.onnx`` writes the model file ``vit.onnx`` with config.json beside it; any other
     name is a folder."""
-    run = saved_run(tmp_path, "quickstart", VIT)
+    run = saved_run(tmp_path, "fractals-vit", VIT)
     out = tmp_path / "models" / "vit.onnx"
     assert main(["export", str(run), "--format", "onnx", "--out", str(out)]) == 0
     assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["config.json", "vit.onnx"]
@@ -230,7 +230,7 @@ def test_onnx_out_ending_in_onnx_is_the_model_file(tmp_path):
                    "model file itself: move the folder aside or give another name"),
 ])
 def test_onnx_names_are_refused_where_they_cannot_be_the_file(tmp_path, capsys, fmt, make_dir, message):
-    run = saved_run(tmp_path, "quickstart", VIT)
+    run = saved_run(tmp_path, "fractals-vit", VIT)
     out = tmp_path / "vit.onnx"
     if make_dir:
         out.mkdir()
@@ -246,7 +246,7 @@ def test_onnx_of_a_finetuned_checkpoint_is_its_classifier(tmp_path):
     from bigmodel.data.base import TensorImages
     from bigmodel.transfer.finetune import Finetune
 
-    run = saved_run(tmp_path, "quickstart", VIT)
+    run = saved_run(tmp_path, "fractals-vit", VIT)
     net = ours(run).backbone
     g = torch.Generator().manual_seed(0)
     train = TensorImages(torch.randint(0, 256, (24, 1, 16, 16), dtype=torch.uint8, generator=g),
@@ -260,7 +260,7 @@ def test_onnx_of_a_finetuned_checkpoint_is_its_classifier(tmp_path):
 
 
 def test_safetensors_holds_the_backbone_alone_with_its_preprocessing(tmp_path):
-    run = saved_run(tmp_path, "quickstart", VIT)
+    run = saved_run(tmp_path, "fractals-vit", VIT)
     out = tmp_path / "elsewhere"
     assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["backbone.safetensors", "config.json"]
@@ -272,7 +272,7 @@ def test_safetensors_holds_the_backbone_alone_with_its_preprocessing(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["pretrained_cfg"] == {"input_size": [1, 16, 16], "interpolation": "bilinear", "crop_pct": 1.0,
                                      "crop_mode": "center", "mean": [0.5], "std": [0.5], "num_classes": 0}
-    recipe = json.loads(json.dumps(resolve("quickstart", VIT, note=lambda _: None).raw))
+    recipe = json.loads(json.dumps(resolve("fractals-vit", VIT, note=lambda _: None).raw))
     section = cfg["bigmodel"]["architecture"]
     assert section == recipe["architecture"] == {"name": "vit", "size": "nano", "image_size": 16, "patch_size": 4,
                                                  "in_chans": 1}
@@ -292,7 +292,7 @@ def test_safetensors_holds_the_backbone_alone_with_its_preprocessing(tmp_path):
 
 def test_timm_preprocessing_says_how_inputs_are_made(tmp_path):
     """to_input: x / 255 for every channel, then (x - 0.5) / 0.5, bilinear resizing, whole image."""
-    run = saved_run(tmp_path, "quickstart", [*VIT, "architecture.in_chans=3", "data.channels=3"])
+    run = saved_run(tmp_path, "fractals-vit", [*VIT, "architecture.in_chans=3", "data.channels=3"])
     cfg = json.loads((Path(export(run, "timm")["out"]) / "config.json").read_text())
     pre = cfg["pretrained_cfg"]
     assert pre["input_size"] == [3, 16, 16] and pre["mean"] == [0.5] * 3 and pre["std"] == [0.5] * 3

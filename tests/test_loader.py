@@ -29,7 +29,7 @@ def test_the_public_face_is_the_loader():
 
 
 def test_a_supervised_run_loads_with_its_classifier_and_test_view(tmp_path):
-    run = saved_run(tmp_path, "quickstart", VIT)
+    run = saved_run(tmp_path, "fractals-vit", VIT)
     m = loader.load(run, device="cpu")
     meta = checkpoint.load_meta(run / "checkpoints" / "step_00000005")
     assert (m.checkpoint, m.step, m.kind, m.meta) == (run / "checkpoints" / "step_00000005", 5, "supervised", meta)
@@ -54,7 +54,7 @@ def test_a_self_supervised_run_has_classes_but_no_head(tmp_path):
 def test_a_sharded_checkpoint_loads_as_its_safetensors_twin(tmp_path):
     """The same objective saved by DCP (as a run of several processes saves it) rebuilds to the same
     weights and outputs, its head's rows read from the shards when meta lacks ``num_classes``."""
-    run = saved_run(tmp_path, "quickstart", VIT)
+    run = saved_run(tmp_path, "fractals-vit", VIT)
     plain = loader.load(run, device="cpu")
     meta = {k: v for k, v in plain.meta.items() if k not in ("step", "files", "num_classes")}
     opt = torch.optim.SGD(plain.objective.parameters(), lr=0.1)
@@ -70,7 +70,7 @@ def test_a_sharded_checkpoint_loads_as_its_safetensors_twin(tmp_path):
 def test_head_rows_stand_in_for_a_missing_num_classes(tmp_path):
     """Checkpoints saved before meta.json recorded ``num_classes``: the head is sized from the saved
     ``head.weight`` (written once, in the loader)."""
-    run = saved_run(tmp_path, "quickstart", VIT)
+    run = saved_run(tmp_path, "fractals-vit", VIT)
     ckpt = run / "checkpoints" / "step_00000005"
     meta = json.loads((ckpt / "meta.json").read_text())
     del meta["num_classes"]
@@ -80,7 +80,7 @@ def test_head_rows_stand_in_for_a_missing_num_classes(tmp_path):
 
 
 def test_a_finetune_loads_as_its_classifier(tmp_path):
-    run = saved_run(tmp_path, "quickstart", VIT)
+    run = saved_run(tmp_path, "fractals-vit", VIT)
     net = loader.load(run, device="cpu").backbone
     g = torch.Generator().manual_seed(0)
     train = TensorImages(torch.randint(0, 256, (24, 1, 16, 16), dtype=torch.uint8, generator=g),
@@ -101,7 +101,7 @@ def test_a_finetune_loads_as_its_classifier(tmp_path):
 
 def test_missing_and_damaged_checkpoints_are_checkpoint_errors(tmp_path, capsys):
     """Every command loads through the loader, so each says ``checkpoint error:`` and exits 2."""
-    run = saved_run(tmp_path, "quickstart", VIT)
+    run = saved_run(tmp_path, "fractals-vit", VIT)
     empty = tmp_path / "empty"
     empty.mkdir()
     missing = tmp_path / "nothing"

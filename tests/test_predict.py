@@ -155,7 +155,7 @@ def test_predict_api_refuses_a_bad_top_k(mnist):
 def test_an_unreadable_image_is_an_image_error(tmp_path, capsys):
     from tests.test_export import VIT, saved_run
 
-    run = saved_run(tmp_path, "quickstart", VIT)
+    run = saved_run(tmp_path, "fractals-vit", VIT)
     notes = tmp_path / "notes.png"
     notes.write_text("a shopping list, not an image\n")
     line = f"{notes}: not an image PIL can read (UnidentifiedImageError: cannot identify image file '<file>')"

@@ -25,14 +25,14 @@ from bigmodel.recipe import RecipeError, resolve
 )
 def test_bad_recipe_is_one_line(override: str, expected: str) -> None:
     with pytest.raises(RecipeError) as err:
-        resolve("quickstart", [override])
+        resolve("fractals-vit", [override])
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_error_found_only_when_building_is_still_a_recipe_error(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["run", "quickstart", "architecture.patch_size=5", f"run.out={tmp_path / 'run'}"]) == 2
+    assert main(["run", "fractals-vit", "architecture.patch_size=5", f"run.out={tmp_path / 'run'}"]) == 2
     assert "not divisible by patch_size=5" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -60,12 +60,12 @@ def test_cli_exit_2_one_line_nothing_written(tmp_path, monkeypatch, capsys, args
 
 
 def test_overrides_and_tiny_mode() -> None:
-    r = resolve("quickstart", ["run.tiny=true", "optim.lr=3e-4", "transfer.1.k=5"])
+    r = resolve("fractals-vit", ["run.tiny=true", "optim.lr=3e-4", "transfer.1.k=5"])
     assert r.optim.lr == pytest.approx(3e-4)
     assert r.optim.steps < 50  # tiny section applied
     assert r.transfer[1].protocol.kwargs["k"] == 5
     # the command line wins over the tiny section
-    assert resolve("quickstart", ["run.tiny=true", "optim.steps=7"]).optim.steps == 7
+    assert resolve("fractals-vit", ["run.tiny=true", "optim.steps=7"]).optim.steps == 7
 
 
 def test_recipe_file_and_unknown_recipe(tmp_path) -> None:
@@ -97,7 +97,7 @@ def test_switching_data_keeps_only_the_command_line_keys() -> None:
 ])
 def test_switching_a_section_without_tiny(override, section, kwargs) -> None:
     notes: list[str] = []
-    r = resolve("quickstart", override, note=notes.append)
+    r = resolve("fractals-vit", override, note=notes.append)
     assert getattr(r, section).kwargs == kwargs
     assert notes == []
 
@@ -111,10 +111,10 @@ def test_switching_a_section_without_tiny(override, section, kwargs) -> None:
 ])
 def test_switching_a_section_in_tiny_mode_drops_its_tiny_keys_with_one_note(override, section, kwargs, note) -> None:
     notes: list[str] = []
-    r = resolve("quickstart", ["run.tiny=true", *override], note=notes.append)
+    r = resolve("fractals-vit", ["run.tiny=true", *override], note=notes.append)
     assert getattr(r, section).kwargs == kwargs
     assert notes == [note]
-    assert r.optim.steps == 6 and r.run.out == "runs/quickstart-tiny"  # the other tiny keys still apply
+    assert r.optim.steps == 6 and r.run.out == "runs/fractals-vit-tiny"  # the other tiny keys still apply
     dropped = note.split("tiny keys ")[1].split(" dropped")[0].split(", ")
     assert not set(dropped) & set(r.raw["tiny"])  # the saved recipe resolves again as it ran
 
@@ -128,22 +128,22 @@ def test_switching_objective_in_tiny_mode_keeps_tiny_keys_of_other_sections() ->
 
 
 def test_note_is_printed_to_stderr_once_and_only_for_a_valid_recipe(capsys) -> None:
-    resolve("quickstart", ["run.tiny=true", "data.name=digits"])
+    resolve("fractals-vit", ["run.tiny=true", "data.name=digits"])
     assert capsys.readouterr().err == (
         "note: tiny keys data.classes, data.images_per_class dropped: data is now digits\n")
     with pytest.raises(RecipeError, match="data.path: required key is missing"):
-        resolve("quickstart", ["run.tiny=true", "data.name=npz"])
+        resolve("fractals-vit", ["run.tiny=true", "data.name=npz"])
     assert capsys.readouterr().err == ""
 
 
 def test_same_name_is_not_a_switch() -> None:
-    r = resolve("quickstart", ["run.tiny=true", "data.name=fractals"], note=pytest.fail)
+    r = resolve("fractals-vit", ["run.tiny=true", "data.name=fractals"], note=pytest.fail)
     assert r.data.kwargs["classes"] == 8 and r.data.kwargs["channels"] == 1
 
 
 def test_switching_a_transfer_entrys_protocol_or_task() -> None:
     notes: list[str] = []
-    r = resolve("quickstart", ["transfer.1.protocol=linear", "transfer.1.C=0.5"], note=notes.append)
+    r = resolve("fractals-vit", ["transfer.1.protocol=linear", "transfer.1.C=0.5"], note=notes.append)
     assert (r.transfer[1].protocol.name, r.transfer[1].protocol.kwargs) == ("linear", {"C": 0.5})  # k: 20 dropped
     assert r.transfer[1].task.name == "digits"
     r = resolve("igpt", ["run.tiny=true", "transfer.0.task=digits"], note=notes.append)

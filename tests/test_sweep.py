@@ -26,7 +26,7 @@ def _files(out: Path, name: str) -> dict[str, bytes]:
 def test_sweep_runs_the_grid_compares_and_resumes(tmp_path) -> None:
     out = tmp_path / "sweep"
     args = ["run.tiny=true", "optim.steps=4,5,6", TRANSFER, "run.figures=false"]
-    result = api.sweep("quickstart", args, out, Console(quiet=True))
+    result = api.sweep("fractals-vit", args, out, Console(quiet=True))
     assert [r["name"] for r in result["runs"]] == NAMES
     assert [r["state"] for r in result["runs"]] == ["done"] * 3
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == NAMES
@@ -44,7 +44,7 @@ def test_sweep_runs_the_grid_compares_and_resumes(tmp_path) -> None:
     before = {n: _files(out, n) for n in NAMES}
 
     # a rerun trains nothing: every run is skipped, no file of theirs changes
-    again = api.sweep("quickstart", args, out, Console(quiet=True))
+    again = api.sweep("fractals-vit", args, out, Console(quiet=True))
     assert [r["state"] for r in again["runs"]] == ["skipped"] * 3
     assert {n: _files(out, n) for n in NAMES} == before
     assert json.loads((out / "compare.json").read_text()) == saved
@@ -55,7 +55,7 @@ def test_sweep_runs_the_grid_compares_and_resumes(tmp_path) -> None:
     shutil.rmtree(middle / "checkpoints" / "step_00000005")
     assert sorted(p.name for p in (middle / "checkpoints").iterdir()) == ["step_00000003"]
     console = Console(record=True, width=200)
-    resumed = api.sweep("quickstart", args, out, console)
+    resumed = api.sweep("fractals-vit", args, out, console)
     assert [r["state"] for r in resumed["runs"]] == ["skipped", "done", "skipped"]
     text = console.export_text()
     assert f"resuming from {middle / 'checkpoints' / 'step_00000003'} (step 3)" in text
@@ -93,6 +93,6 @@ def test_grid_and_names() -> None:
 ])
 def test_bad_grids_are_refused_before_any_run(tmp_path, capsys, args, message) -> None:
     out = tmp_path / "sweep"
-    assert cli.main(["sweep", "quickstart", *args, "--out", str(out)]) == 2
+    assert cli.main(["sweep", "fractals-vit", *args, "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"recipe error: {message}\n"
     assert not out.exists()

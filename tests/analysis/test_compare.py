@@ -26,7 +26,7 @@ def runs(tmp_path_factory) -> list[Path]:
     seeds and other accuracies (the table reads report.json only: training them teaches nothing more)."""
     root = tmp_path_factory.mktemp("runs")
     first = root / "seed0"
-    api.run_pipeline(resolve("quickstart", ["run.tiny=true", "optim.steps=2", f"run.out={first}", TRANSFER,
+    api.run_pipeline(resolve("fractals-vit", ["run.tiny=true", "optim.steps=2", f"run.out={first}", TRANSFER,
                                    "run.figures=false"]), Console(quiet=True))
     dirs = [first]
     for seed, steps in ((1, 3), (2, 4)):

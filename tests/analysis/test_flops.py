@@ -160,7 +160,7 @@ def test_report_rows_of_a_batchnorm_backbone_equal_transfer_of_its_checkpoint(tm
     from bigmodel.recipe import resolve
 
     out = tmp_path / "bn"
-    recipe = resolve("quickstart", ["run.tiny=true", f"run.out={out}", f"architecture={BN_RESNET}",
+    recipe = resolve("fractals-vit", ["run.tiny=true", f"run.out={out}", f"architecture={BN_RESNET}",
                                     "data.image_size=16", "optim.steps=2", "run.precision=fp32",
                                     "transfer=[{task: digits, protocol: knn, k: 5}]"])
     report = api.run_pipeline(recipe, Console(quiet=True))

@@ -152,7 +152,7 @@ def test_the_title_lies_inside_the_figure(blocks: int, title: str) -> None:
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("analyze") / "qs"
     overrides = ["run.tiny=true", "run.precision=fp32", f"run.out={out}", "run.figures=false"]
-    api.run_pipeline(resolve("quickstart", overrides), transfer=False)  # fp32: compared with fp32 references
+    api.run_pipeline(resolve("fractals-vit", overrides), transfer=False)  # fp32: compared with fp32 references
     return out
 
 

@@ -26,7 +26,7 @@ def _with_run(tmp: Path) -> None:
     """``tmp/run``: a tiny pretrained quick-start run (trained once per session, then copied)."""
     if "run" not in _CACHE:
         out = Path(tempfile.mkdtemp(prefix="bigmodel-cli-")) / "run"
-        assert main(["pretrain", "quickstart", "run.tiny=true", "architecture.image_size=16",
+        assert main(["pretrain", "fractals-vit", "run.tiny=true", "architecture.image_size=16",
                      "data.image_size=16", f"run.out={out}"]) == 0
         _CACHE["run"] = out
     shutil.copytree(_CACHE["run"], tmp / "run")
@@ -75,15 +75,15 @@ TRANSFER = ["transfer", "{tmp}/run", "--task", "digits"]
 
 CASES = [
     Case("zoo-unknown", ["zoo", "nosuch"], 2,
-         "recipe error: zoo 'nosuch': no such recipe; zoo: byol-resnet, igpt, mae-vit, mae-vit-moe, pixel-lstm, "
-         "quickstart, "),
+         "recipe error: zoo 'nosuch': no such recipe; zoo: byol-resnet, fractals-vit, igpt, mae-vit, mae-vit-moe, "
+         "pixel-lstm, quickstart, "),
     Case("switch-data-tiny-missing-key", ["run", "run.tiny=true", "data.name=npz", "run.out={tmp}/r"], 2,
          "recipe error: data.path: required key is missing", absent=("r",)),
-    Case("switch-data-tiny-note", ["pretrain", "run.tiny=true", "data.name=digits", "architecture.image_size=16",
-                                   "run.out={tmp}/r"], 0,
+    Case("switch-data-tiny-note", ["pretrain", "fractals-vit", "run.tiny=true", "data.name=digits",
+                                   "architecture.image_size=16", "run.out={tmp}/r"], 0,
          "note: tiny keys data.classes, data.images_per_class dropped: data is now digits\n",
          exists=("r/recipe.yaml",), check=_saved_recipe_is_digits_and_resolves_again),
-    Case("run-recipe-entry-knn-k", ["run", "quickstart", "run.tiny=true", "transfer.1.k=100000", "run.out={tmp}/r"],
+    Case("run-recipe-entry-knn-k", ["run", "fractals-vit", "run.tiny=true", "transfer.1.k=100000", "run.out={tmp}/r"],
          2, f"recipe error: transfer.1 (digits · knn): {KNN_LIMIT}", absent=("r",)),
     Case("transfer-set-knn-k", [*TRANSFER, "--protocol", "knn", "--set", "k=100000"], 2,
          f"recipe error: transfer.0 (digits · knn): {KNN_LIMIT}", setup=_with_run, check=_no_transfer_file),

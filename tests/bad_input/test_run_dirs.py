@@ -20,7 +20,7 @@ from bigmodel.train.run_dir import LOCK
 from tests.bad_input.case import Case, check, params
 
 _CACHE: dict[str, Path] = {}
-TINY = ["quickstart", "run.tiny=true", "architecture.image_size=16", "data.image_size=16"]
+TINY = ["fractals-vit", "run.tiny=true", "architecture.image_size=16", "data.image_size=16"]
 HOST = socket.gethostname()
 
 

@@ -7,8 +7,8 @@ these numbers. Changing one ON PURPOSE means rerunning
     .venv/bin/python benchmarks/record_golden.py [NAME ...]
 
 and saying in the commit message why the losses moved. ``test_zoo.py`` makes the golden check in
-the end-to-end tiny run of every recipe but quickstart (whose tiny transfer is slow); quickstart's
-golden run is here, pretraining only. Also here: the bf16 autocast path trains.
+the end-to-end tiny run of every recipe but the two on embedded data, quickstart and fractals-vit
+(whose tiny transfer is slow); their golden runs are here, pretraining only. Also here: the bf16 autocast path trains.
 """
 
 from __future__ import annotations
@@ -68,9 +68,10 @@ def test_every_zoo_recipe_has_golden_losses_for_every_step() -> None:
         assert ("aux_loss" in table[name]) == ("moe" in recipe.architecture.kwargs), name
 
 
-def test_quickstart_reproduces_its_golden_losses(tmp_path) -> None:
-    api.run_pipeline(resolve("quickstart", golden_overrides(tmp_path / "qs")), transfer=False)
-    assert_golden("quickstart", tmp_path / "qs")
+@pytest.mark.parametrize("name", ["quickstart", "fractals-vit"])
+def test_embedded_data_recipe_reproduces_its_golden_losses(name, tmp_path) -> None:
+    api.run_pipeline(resolve(name, golden_overrides(tmp_path / name)), transfer=False)
+    assert_golden(name, tmp_path / name)
 
 
 @pytest.mark.slow  # a bf16 training run (7 s); `make test-all`
@@ -82,7 +83,7 @@ def test_bf16_autocast_trains(tmp_path) -> None:
     runs = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
-        recipe = resolve("quickstart", [*golden_overrides(out), *common, f"run.precision={precision}"])
+        recipe = resolve("fractals-vit", [*golden_overrides(out), *common, f"run.precision={precision}"])
         summary = api.run_pipeline(recipe, transfer=False)["pretrain"]
         assert summary["precision"] == {"fp32": "float32", "bf16": "bfloat16"}[precision]
         losses = list(logged_losses(out).values())

@@ -169,7 +169,7 @@ def _grads(model: torch.nn.Module, views: list[torch.Tensor], labels: torch.Tens
 
 
 def test_activation_checkpointing_gives_the_same_gradients(synthetic_data):
-    for name in ("quickstart", "mae-vit", "simclr-resnet"):  # ViT blocks, ViT + MAE decoder blocks, ResNetV2 stages
+    for name in ("fractals-vit", "mae-vit", "simclr-resnet"):  # ViT blocks, ViT + MAE decoder blocks, ResNetV2 stages
         recipe = resolve(name, ["run.tiny=true"])
         data, model = build.experiment(recipe)
         images, labels = next(build.batches(data, 4, seed=0))
@@ -196,7 +196,7 @@ def test_compile_and_activation_checkpointing_train_a_tiny_recipe(tmp_path: Path
                         lambda self, **kw: compiled_modules.append(self) or real_compile(self, **kw))
     losses = {}
     for flags in ((), ("run.compile=true", "run.activation_checkpointing=true")):
-        recipe = resolve("quickstart", ["run.tiny=true", "run.precision=fp32", "optim.steps=3", "run.log_every=1",
+        recipe = resolve("fractals-vit", ["run.tiny=true", "run.precision=fp32", "optim.steps=3", "run.log_every=1",
                                         f"run.out={tmp_path / str(len(flags))}", *flags])
         data, model = build.experiment(recipe)
         pretrain(recipe, Path(recipe.run.out), data, model, Console(quiet=True))
@@ -213,7 +213,7 @@ def test_under_torchrun_only_rank_zero_transfers_and_reports(tmp_path: Path):
     """``bigmodel run`` on 2 processes: one banner, one transfer table, one report, both ranks exit 0."""
     out = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
-    p = subprocess.run([*torchrun, "-m", "bigmodel", "run", "quickstart", "run.tiny=true", "optim.steps=4",
+    p = subprocess.run([*torchrun, "-m", "bigmodel", "run", "fractals-vit", "run.tiny=true", "optim.steps=4",
                         f"run.out={out}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     assert p.stdout.count("bigmodel run →") == p.stdout.count("report: ") == 1, p.stdout

@@ -73,7 +73,7 @@ def test_run_refuses_before_writing_when_the_activations_do_not_fit(tmp_path, mo
     """``bigmodel run``: the check runs while building, before run.out exists."""
     from bigmodel import api
 
-    recipe = resolve("quickstart", ["run.tiny=true", f"run.out={tmp_path / 'r'}"])
+    recipe = resolve("fractals-vit", ["run.tiny=true", f"run.out={tmp_path / 'r'}"])
     data, model = build.experiment(recipe)
     state = build.batch_memory(recipe, data, model)
     monkeypatch.setattr(build, "available_memory", lambda dev: state + 1)

@@ -29,7 +29,7 @@ from bigmodel.train import checkpoint
 from bigmodel.train.trainer import lr_at
 from tests.helpers import REPO, env
 
-ARGS = ["quickstart", "run.tiny=true", "optim.steps=16", "run.checkpoint_every=2", "run.log_every=1",
+ARGS = ["fractals-vit", "run.tiny=true", "optim.steps=16", "run.checkpoint_every=2", "run.log_every=1",
         "optim.accum_steps=2"]
 
 
@@ -71,8 +71,8 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, capsys) -> None:
 
 def test_resume_flag_and_different_recipe_refused(tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    assert main(["pretrain", "quickstart", "run.tiny=true", f"run.out={out}"]) == 0
-    assert main(["pretrain", "quickstart", "run.tiny=true", "optim.lr=0.5", f"run.out={out}"]) == 2
+    assert main(["pretrain", "fractals-vit", "run.tiny=true", f"run.out={out}"]) == 0
+    assert main(["pretrain", "fractals-vit", "run.tiny=true", "optim.lr=0.5", f"run.out={out}"]) == 2
     assert "holds a run of a different recipe" in capsys.readouterr().err
     assert main(["pretrain", "--resume", str(out)]) == 0
     assert "resuming from" in capsys.readouterr().out

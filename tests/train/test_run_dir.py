@@ -22,7 +22,7 @@ from bigmodel.recipe import RecipeError, load_raw
 from bigmodel.train.run_dir import LOCK, RunLock
 from tests.helpers import REPO, cli, env
 
-TINY = ["quickstart", "run.tiny=true"]
+TINY = ["fractals-vit", "run.tiny=true"]
 
 
 def dead_pid() -> int:
@@ -90,7 +90,7 @@ def test_only_rank_0_locks_and_writes(tmp_path, monkeypatch) -> None:
     from bigmodel.recipe import resolve
     from bigmodel.train.run_dir import open_run
 
-    recipe = resolve("quickstart", ["run.tiny=true", f"run.out={tmp_path}/r"])
+    recipe = resolve("fractals-vit", ["run.tiny=true", f"run.out={tmp_path}/r"])
     monkeypatch.setenv("RANK", "1")
     with open_run(recipe) as run_dir:
         assert run_dir == tmp_path / "r" and not run_dir.exists()
@@ -121,7 +121,7 @@ ROWS = [  # row 1 and 2 fine-tune (seconds each): long enough to send SIGTERM wh
 
 @pytest.mark.slow  # a subprocess stopped by a signal, then resumed; `make test-all`
 def test_sigterm_during_transfer_saves_the_rows_done_and_the_rerun_finishes_the_rest(tmp_path) -> None:
-    raw = load_raw("quickstart")
+    raw = load_raw("fractals-vit")
     raw["transfer"] = ROWS
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
@@ -161,7 +161,7 @@ def test_a_full_disk_while_saving_the_recipe_is_one_line_and_keeps_the_old_one(t
     from bigmodel.recipe import resolve
     from bigmodel.train import run_dir as run_dir_mod
 
-    recipe = resolve("quickstart", ["run.tiny=true", f"run.out={tmp_path}/r"])
+    recipe = resolve("fractals-vit", ["run.tiny=true", f"run.out={tmp_path}/r"])
     run_dir_mod.save_recipe(writable := run_dir_mod.writable_folder(tmp_path / "r"), recipe)
     before = (writable / "recipe.yaml").read_text()
     real = Path.write_text

@@ -29,7 +29,7 @@ from bigmodel.objectives.base import Objective
 from bigmodel.train import checkpoint
 from tests.helpers import REPO, env
 
-TINY = ["quickstart", "run.tiny=true", "run.precision=fp32", "run.log_every=1"]
+TINY = ["fractals-vit", "run.tiny=true", "run.precision=fp32", "run.log_every=1"]
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:

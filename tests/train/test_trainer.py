@@ -157,7 +157,7 @@ def test_pretraining_goes_through_fit(tmp_path, monkeypatch):
         return {"steps_done": loop.steps, "stopped": False, "history": []}
 
     monkeypatch.setattr(trainer, "fit", spy)
-    recipe = resolve("quickstart", ["run.tiny=true", f"run.out={tmp_path / 'r'}"])
+    recipe = resolve("fractals-vit", ["run.tiny=true", f"run.out={tmp_path / 'r'}"])
     api.run_pipeline(recipe, Console(quiet=True), transfer=False)
     assert seen == [(recipe.optim.steps, "pretrain", tmp_path / "r", recipe.optim.steps)]
 

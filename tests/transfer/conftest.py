@@ -19,7 +19,7 @@ def tiny_run(tmp_path_factory):
     from bigmodel.recipe import resolve
 
     out = tmp_path_factory.mktemp("transfer") / "qs"
-    recipe = resolve("quickstart", ["run.tiny=true", f"run.out={out}", "architecture.image_size=16",
+    recipe = resolve("fractals-vit", ["run.tiny=true", f"run.out={out}", "architecture.image_size=16",
                                     "data.image_size=16", "transfer=[{task: digits, protocol: knn, k: 5}]",
                                     "run.figures=false"])
     api.run_pipeline(recipe)

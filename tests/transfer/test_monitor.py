@@ -204,7 +204,7 @@ def test_bad_settings_are_one_recipe_error_naming_the_key(value, message):
 
 
 def test_a_task_the_protocol_cannot_serve_is_refused_before_the_run_starts(tmp_path: Path):
-    r = resolve("quickstart", ["run.tiny=true", f"run.out={tmp_path / 'run'}",
+    r = resolve("fractals-vit", ["run.tiny=true", f"run.out={tmp_path / 'run'}",
                                "run.monitor={task: digits, protocol: knn, k: 20, limit: 10}"])
     with pytest.raises(RecipeError, match=r"^run.monitor \(digits · knn, limit 10\): k = 20 is more than the 10 "):
         api.run_pipeline(r, Console(quiet=True))
