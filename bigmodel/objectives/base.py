@@ -4,7 +4,8 @@ An objective is an ``nn.Module`` that owns the backbone it trains and its own he
 projector, decoder), declares the backbone capabilities it needs, turns a uint8 batch into the
 views it trains on, and maps views to ``{"loss": ..., **scalars}``. The trainer calls only
 :meth:`Objective.views`, :meth:`Objective.forward` and, after every optimizer step,
-:meth:`Objective.after_step` (where an EMA teacher updates), so it never special-cases an objective.
+:meth:`Objective.after_step` (where an EMA teacher updates), and the optimizer is built once from
+:meth:`Objective.lr_scales`, so it never special-cases an objective.
 
 Auxiliary losses of the backbone (mixture-of-experts load balancing, see
 :meth:`Backbone.aux_loss`) are added here for every objective: hooks around ``forward`` record them
@@ -46,6 +47,12 @@ class Objective(nn.Module):
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def lr_scales(self) -> dict[str, float]:
+        """``{parameter-name prefix: factor}``: parameters whose name starts with a prefix train at
+        the scheduled learning rate times its factor (their own optimizer group, with ``lr_scale``;
+        e.g. BYOL's predictor); default: none, every parameter at the scheduled rate."""
+        return {}
 
     def after_step(self, step: int) -> None:
         """Called by the trainer after optimizer step ``step`` (0-based) has updated the weights, on

@@ -100,6 +100,9 @@ class BYOL(Objective):
     blur_prob: Gaussian blur probability of view 1 and view 2 (asymmetric: 1.0 and 0.1).
     blur_sigma: blur σ range in pixels of the view.
     solarize_prob: solarisation probability of view 1 and view 2 (0.0 and 0.2).
+    predictor_lr_scale: the predictor trains at this multiple of the scheduled learning rate (1 in
+        the paper; Tian et al., 2021 study the predictor's relative learning rate). On MNIST with a
+        ResNet-18 ×0.25, 1000 steps, 10 lifted kNN from 60.0 to 77.9 % (README, Numbers).
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class BYOL(Objective):
         blur_prob: tuple[Fraction, Fraction] = (1.0, 0.1),
         blur_sigma: tuple[Positive, Positive] = (0.1, 2.0),
         solarize_prob: tuple[Fraction, Fraction] = (0.0, 0.2),
+        predictor_lr_scale: Positive = 1.0,
     ):
         super().__init__(backbone)
         if not 0 < crop_scale[0] <= crop_scale[1]:
@@ -139,6 +143,7 @@ class BYOL(Objective):
                        "p": jitter_prob}
         self.grayscale_prob, self.blur_prob, self.solarize_prob = grayscale_prob, tuple(blur_prob), tuple(solarize_prob)
         self.blur_sigma = tuple(blur_sigma)
+        self.predictor_lr_scale = predictor_lr_scale
         radius = min(math.ceil(2 * blur_sigma[1]), (backbone.image_size - 1) // 2)
         self.blur_kernel = 2 * radius + 1
 
@@ -148,6 +153,9 @@ class BYOL(Objective):
         super().setup(dataset)
         self.target["backbone"].load_state_dict(self.backbone.state_dict())
         self.target["projector"].load_state_dict(self.projector.state_dict())
+
+    def lr_scales(self) -> dict[str, float]:
+        return {"predictor.": self.predictor_lr_scale} if self.predictor_lr_scale != 1 else {}
 
     # -- views ------------------------------------------------------------------------------------
 

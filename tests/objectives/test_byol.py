@@ -130,6 +130,32 @@ def test_target_starts_as_the_online_network_and_gets_no_gradient():
     assert optimized == {id(p) for n, p in obj.named_parameters() if not n.startswith("target.")}
 
 
+def test_predictor_lr_scale_gives_the_predictor_groups_of_its_own():
+    """``predictor_lr_scale``: every predictor parameter, and only those, sits in a group with that
+    ``lr_scale`` (weight decay kept apart as for every parameter); one AdamW step with the trainer's
+    per-group lr moves a predictor weight exactly as a lone AdamW at lr × scale would."""
+    optim = resolve("byol-resnet", ["optim.weight_decay=0.0"]).optim
+    plain, scaled = _byol(), _byol(predictor_lr_scale=10.0)
+    assert len(build.optimizer(plain, optim).param_groups) == 2  # unscaled: the two groups of every objective
+    opt = build.optimizer(scaled, optim)
+    pred = {id(p) for p in scaled.predictor.parameters()}
+    for g in opt.param_groups:
+        assert {id(p) in pred for p in g["params"]} <= {g.get("lr_scale", 1.0) == 10.0}
+    assert [(g.get("lr_scale", 1.0), g["weight_decay"], len(g["params"])) for g in opt.param_groups][2:] == [
+        (10.0, 0.0, 2), (10.0, 0.0, 3)]  # predictor: 2 matrices; bias of the last Linear + BatchNorm weight/bias
+    w = scaled.predictor[0].weight
+    ref = torch.nn.Parameter(w.detach().clone())
+    out = scaled(scaled.views(_images(), torch.Generator().manual_seed(0)), torch.full((8,), -1))
+    out["loss"].backward()
+    ref.grad = w.grad.clone()
+    for g in opt.param_groups:  # what the trainer does at every step
+        g["lr"] = 1e-3 * g.get("lr_scale", 1.0)
+    opt.step()
+    lone = torch.optim.AdamW([ref], lr=1e-2, betas=optim.betas, weight_decay=0.0, fused=True)  # the same kernel
+    lone.step()
+    assert torch.equal(w.detach(), ref.detach())
+
+
 def test_views_are_asymmetric_and_deterministic():
     """View 1 always blurred and never solarised, view 2 the reverse (probabilities 1/0 and 0/1):
     view 1 of the un-cropped, un-jittered input is its blur, view 2 its solarisation."""
