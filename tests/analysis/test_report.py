@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from bigmodel import api
-from bigmodel.analysis import figures
+from bigmodel.analysis import confusion, figures
 from bigmodel.cli import main
 from bigmodel.recipe import validate
 from bigmodel.train import checkpoint
@@ -32,18 +33,37 @@ def tiny_npz(path: Path) -> Path:
     return path
 
 
-def tiny_run(tmp_path: Path) -> tuple[Path, Path, dict]:
+def tiny_run(tmp_path: Path, precision: str = "fp32") -> tuple[Path, Path, dict]:
     data = tiny_npz(tmp_path / "tiny.npz")
     recipe = validate({
         "architecture": {"name": "vit", "size": "nano", "image_size": 16, "patch_size": 4, "in_chans": 1},
         "data": {"name": "npz", "path": str(data)},
         "objective": {"name": "supervised"},
         "optim": {"name": "adamw", "lr": 1e-3, "batch_size": 16, "steps": 2, "warmup_steps": 1},
-        "run": {"out": str(tmp_path / "run"), "seed": 0, "precision": "fp32", "checkpoint_every": 2, "log_every": 1},
+        "run": {"out": str(tmp_path / "run"), "seed": 0, "precision": precision, "checkpoint_every": 2, "log_every": 1},
         "transfer": [{"task": {"name": "npz", "path": str(data)}, "protocol": "linear"}],
     })
     result = api.run_pipeline(recipe)
     return tmp_path / "run", data, result
+
+
+def test_the_confusion_figure_scores_what_the_linear_row_scores(tmp_path: Path, monkeypatch):
+    """The figure's probe extracts features in the run's precision (bf16 here), as the transfer table
+    does, so its top-1 is the table's linear row (in fp32 it read 97.3 % beside a 97.78 % row)."""
+    made = []
+    real = confusion.make
+
+    def spy(*args, **kwargs):
+        path, counts = real(*args, **kwargs)
+        made.append((kwargs.get("dtype"), counts))
+        return path, counts
+
+    monkeypatch.setattr(confusion, "make", spy)
+    _, _, result = tiny_run(tmp_path, precision="bf16")
+    (dtype, counts), = made
+    assert dtype == torch.bfloat16
+    row = result["transfer"][0]["results"]["pretrained"]["top1"]
+    assert 100 * np.trace(counts) / counts.sum() == pytest.approx(row, abs=1e-4)
 
 
 def test_run_writes_figures_and_a_copy_without_data_still_reports(tmp_path: Path):
