@@ -82,10 +82,17 @@ def monitor_png(section: dict[str, Any], title: str) -> bytes:
         else:
             ax.plot(x, section["top1"], marker="o", markersize=3, color="tab:green")
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+        baselines = []
         if section["step"][0] == 0:
             ax.axhline(section["top1"][0], color="grey", linestyle="--", linewidth=1, label="random init (step 0)")
+            baselines.append(section["top1"][0])
         if "pixels_top1" in section:
             ax.axhline(section["pixels_top1"], color="tab:blue", linestyle=":", linewidth=1, label="raw pixels")
+            baselines.append(section["pixels_top1"])
+        if baselines:  # axhline does not widen the y-range: a baseline above the curve would be off the axes
+            lo, hi = ax.get_ylim()
+            pad = 0.03 * (max(hi, *baselines) - min(lo, *baselines))
+            ax.set_ylim(min(lo, min(baselines) - pad), max(hi, max(baselines) + pad))
         if section["step"][0] == 0 or "pixels_top1" in section:
             ax.legend(loc="lower right", fontsize=8)
         ax.set(xlabel=label, ylabel="top-1 %")

@@ -152,6 +152,24 @@ def test_curves(tmp_path: Path):
     assert curves.make([{"step": 1, "lr": 0.1}], tmp_path / "none") is None
 
 
+def test_monitor_figure_keeps_both_baselines_on_the_axes(monkeypatch):
+    """The raw-pixel baseline above the whole curve (the quick start: pixels 98.44, curve ≤ 96) and the
+    random-init one lie inside the y-range of both panels, clear of the frame (matplotlib's own margin
+    put the pixel line 0.05 points under the top edge, hidden by it)."""
+    from matplotlib.figure import Figure
+
+    drawn = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), real(self, *a, **k))[1])
+    section = {"step": [0, 200, 400], "top1": [46.2, 90.2, 96.0], "pixels_top1": 98.44,
+               "pretrain_flops": [0.0, 6.4e12, 1.28e13]}
+    assert curves.monitor_png(section, "digits · knn").startswith(b"\x89PNG")
+    for ax in drawn[0].axes:
+        lo, hi = ax.get_ylim()  # clear of the frame by 2 % of the range, not on it
+        assert 46.2 - lo > 0.02 * (hi - lo) and hi - 98.44 > 0.02 * (hi - lo)
+        assert sorted(line.get_ydata()[0] for line in ax.get_lines()[1:]) == [46.2, 98.44]  # the two baselines
+
+
 def test_model_figures_skips_missing_and_inapplicable_builders(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(figures, "BUILDERS", ("attention", "no_such_builder", "reconstruction"))
     model = Supervised(tiny_vit(), num_classes=3)
