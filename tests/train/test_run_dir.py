@@ -22,7 +22,7 @@ from bigmodel.recipe import RecipeError, load_raw
 from bigmodel.train.run_dir import LOCK, RunLock
 from tests.helpers import REPO, cli, env
 
-TINY = ["fractals-vit", "run.tiny=true"]
+TINY = ["fractals-vit", "run.tiny=true", "run.figures=false"]  # figures have tests of their own
 
 
 def dead_pid() -> int:
