@@ -106,13 +106,13 @@ def make_all(run_dir: Path, console: Console | None = None) -> list[Path]:
         task = None
     if task is not None:
         name, train, test = task
-        # the transfer table's precision, so that the figure's top-1 is the table's linear row
-        dtype = build.autocast_dtype(recipe.run, next(model.parameters()).device)
+        dev = next(model.parameters()).device
+        dtype = build.autocast_dtype(recipe.run, dev)  # the transfer table's: the figure's top-1 is its linear row
         with torch.no_grad():
             written.append(confusion.make(model.backbone, train, test, out, task=name, classes=test.classes,
                                           dtype=dtype)[0])
             few = _subset(test, TSNE_IMAGES_TINY if recipe.run.tiny else TSNE_IMAGES)
-            twin = build.random_twin(recipe, pretrained=model.backbone).to(next(model.parameters()).device).eval()
+            twin = build.random_twin(recipe, pretrained=model.backbone).to(dev).eval()
             written.append(embedding.make({"pretrained": model.backbone, "random init": twin}, few, out, task=name)[0])
         written += model_figures(model, test.images[:SAMPLES], test.targets[:SAMPLES], out, console)
     return written

@@ -12,13 +12,12 @@ from bigmodel.recipe import resolve, zoo_names
 from bigmodel.registry import DATASETS
 from bigmodel.train import checkpoint
 from bigmodel.transfer.base import pixels
-from tests.recipes.test_golden import assert_golden, golden_overrides, logged_losses
+from tests.recipes.test_golden import EMBEDDED, assert_golden, golden_overrides, logged_losses
 from tests.transfer.test_reference import REFERENCES
 
 # The recipes on embedded data (quickstart, fractals-vit) score the whole digits set in tiny mode (slow here):
 # their golden runs are in test_golden.py, quickstart's tiny run end to end is the CLI's own smoke test
 # (tests/test_cli.py). Every other zoo recipe runs end to end in tiny mode below.
-EMBEDDED = ("quickstart", "fractals-vit")
 TINY_RUNS = [n for n in zoo_names() if n not in EMBEDDED]
 
 
