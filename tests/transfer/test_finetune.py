@@ -55,6 +55,16 @@ def test_hyperrule_shortened_schedules_scale_the_published_boundaries():
     assert hyperrule(5_000, steps=100, decay_at=(0.5,)).decay_steps == (50,)
 
 
+def test_hyperrule_at_another_batch_sees_the_published_images():
+    """The published lengths are steps at batch 512; at batch 128 the schedule takes 4× the steps (the same
+    images, the same warm-up and decay fractions) at a quarter of the lr (linear scaling, Goyal et al.)."""
+    s = hyperrule(5_000, batch_size=128)
+    assert (s.steps, s.warmup_steps, s.decay_steps, s.lr) == (2000, 400, (800, 1200, 1600), 0.003 / 4)
+    assert hyperrule(5_000, batch_size=128, steps=50).steps == 50  # a given length is taken as is
+    m = hyperrule(60_000, batch_size=128, schedule_scale=0.05)  # the README's MNIST target for transformers
+    assert (m.steps, m.warmup_steps, m.steps * m.batch_size) == (2000, 100, 500 * 512)
+
+
 def test_lr_schedule_warms_up_then_steps_down():
     s = hyperrule(5_000, batch_size=512)
     assert s.lr_at(0) == pytest.approx(0.003 / 100)
@@ -310,7 +320,8 @@ def test_each_family_gets_its_optimiser_and_a_key_overrides_it():
     from bigmodel.transfer.finetune import FAMILY_DEFAULTS
     assert (ResNet(depth=18, width=0.25, in_chans=1).family, _vit().family, LSTM(16, 4, 1).family) == \
         ("convnet", "transformer", "recurrent")
-    assert Finetune().family_settings("convnet") == {"optimizer": "sgd", "base_lr": 0.4, "weight_decay": 0.0,
+    assert Finetune().family_settings("convnet") == {"batch_size": 512, "optimizer": "sgd", "base_lr": 0.4,
+                                                        "weight_decay": 0.0,
                                                         "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None,
                                                         "decay": "step", "bit_crop": True}
     assert Finetune().family_settings("transformer") == FAMILY_DEFAULTS["transformer"]
@@ -319,6 +330,9 @@ def test_each_family_gets_its_optimiser_and_a_key_overrides_it():
     assert s.lr == FAMILY_DEFAULTS["transformer"]["base_lr"] * 128 / 512
     assert s.weight_decay == FAMILY_DEFAULTS["transformer"]["weight_decay"]
     assert Finetune(batch_size=128).schedule(5_000, 28, 28).lr == 0.1  # a convnet's without a family
+    t = Finetune(schedule_scale=0.05).schedule(60_000, 28, 28, "transformer")  # the family's batch
+    assert (t.batch_size, t.steps, t.lr) == (FAMILY_DEFAULTS["transformer"]["batch_size"], 2000, 8e-3 * 128 / 512)
+    assert Finetune(schedule_scale=0.05).schedule(60_000, 28, 28).steps == 500  # convnets: BiT's 512
     # the training view: BiT's upscale-then-crop for convnets, the backbone's size for transformers
     assert Finetune().schedule(5_000, 28, 28).resize == 35
     assert Finetune().schedule(5_000, 28, 28, "transformer").resize == 28
