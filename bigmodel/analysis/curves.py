@@ -84,16 +84,14 @@ def monitor_png(section: dict[str, Any], title: str) -> bytes:
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
         baselines = []
         if section["step"][0] == 0:
-            ax.axhline(section["top1"][0], color="grey", linestyle="--", linewidth=1, label="random init (step 0)")
-            baselines.append(section["top1"][0])
+            baselines.append((section["top1"][0], dict(color="grey", linestyle="--", label="random init (step 0)")))
         if "pixels_top1" in section:
-            ax.axhline(section["pixels_top1"], color="tab:blue", linestyle=":", linewidth=1, label="raw pixels")
-            baselines.append(section["pixels_top1"])
-        if baselines:  # axhline does not widen the y-range: a baseline above the curve would be off the axes
-            lo, hi = ax.get_ylim()
-            pad = 0.03 * (max(hi, *baselines) - min(lo, *baselines))
-            ax.set_ylim(min(lo, min(baselines) - pad), max(hi, max(baselines) + pad))
-        if section["step"][0] == 0 or "pixels_top1" in section:
+            baselines.append((section["pixels_top1"], dict(color="tab:blue", linestyle=":", label="raw pixels")))
+        for y, style in baselines:
+            ax.axhline(y, linewidth=1, **style)
+        if baselines:  # axhline leaves the y-range alone: put the baselines in the data limits, then autoscale
+            ax.update_datalim([(0.0, y) for y, _ in baselines], updatex=False)
+            ax.autoscale_view(scalex=False)
             ax.legend(loc="lower right", fontsize=8)
         ax.set(xlabel=label, ylabel="top-1 %")
         ax.grid(alpha=0.3)
