@@ -40,6 +40,7 @@ class Schedule:
     crop: int
     test_size: int
     decay: str = "step"  # "step": ×decay_factor at each of decay_steps (BiT); "cosine": to 0 (MAE, BEiT)
+    translate: int = 0  # random shift of each training crop by up to ± this many pixels (reflect-pad, crop)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up to ``lr``, then ×``decay_factor`` at each of ``decay_steps``, or a cosine to
@@ -57,7 +58,7 @@ class Schedule:
 
 class Classifier(Objective):
     """A backbone with a zero-initialised task head, trained as an objective: BiT's training views
-    (resize, random crop, optional flip; MixUp with one λ per batch) and cross-entropy.
+    (resize, random crop, optional random shift and flip; MixUp with one λ per batch) and cross-entropy.
 
     :meth:`logits` maps normalised images ``(B, C, S, S)`` to ``(B, num_classes)``. After
     :meth:`~bigmodel.transfer.finetune.Finetune.fit`, ``train_loss`` is the mean logged training loss
@@ -92,7 +93,7 @@ class Classifier(Objective):
         weights (one λ for the batch) when MixUp is on."""
         s = self.schedule
         x = to_input(images, s.resize, self.backbone.in_chans)
-        x = random_crop_flip(random_crop(x, s.crop, generator), generator, pad=0, flip=self.flip)
+        x = random_crop_flip(random_crop(x, s.crop, generator), generator, pad=s.translate, flip=self.flip)
         if s.mixup_alpha <= 0:
             return [x]
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))

@@ -218,6 +218,22 @@ def test_test_images_have_the_training_scale():
     assert Finetune().test_crop is True
 
 
+def test_translate_shifts_each_training_image_without_rescaling_it():
+    """``translate: t``: each training view is a window of the image reflect-padded by ``t``, at the
+    backbone's size; its offset is the image's own, within ± t; ``translate: 0`` is no shift."""
+    images = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    s = Finetune(translate=2).schedule(5_000, 16, 16, "transformer")
+    assert (s.resize, s.crop, s.translate) == (16, 16, 2)
+    view, = Classifier(_vit(), 10, s).views(images, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(to_input(images, 16, 1), (2, 2, 2, 2), mode="reflect")
+    windows = {(dy, dx): padded[:, :, dy:dy + 16, dx:dx + 16] for dy in range(5) for dx in range(5)}
+    offsets = [next(o for o, w in windows.items() if torch.equal(w[i], view[i])) for i in range(len(images))]
+    assert len(set(offsets)) > 1  # not one shift for the batch
+    still, = Classifier(_vit(), 10, Finetune().schedule(5_000, 16, 16, "transformer")).views(
+        images, torch.Generator().manual_seed(1))
+    assert torch.equal(still, to_input(images, 16, 1))
+
+
 def test_finetune_leaves_signals_to_its_caller(tiny_mlp, monkeypatch, tmp_path):
     """``bigmodel run`` handles SIGTERM around the transfer suite (finish the row, keep the rows done);
     a fine-tune with a checkpoint folder must not take the signal from it."""
@@ -323,7 +339,7 @@ def test_each_family_gets_its_optimiser_and_a_key_overrides_it():
     assert Finetune().family_settings("convnet") == {"batch_size": 512, "optimizer": "sgd", "base_lr": 0.4,
                                                         "weight_decay": 0.0,
                                                         "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None,
-                                                        "decay": "step", "bit_crop": True}
+                                                        "decay": "step", "bit_crop": True, "translate": 0}
     assert Finetune().family_settings("transformer") == FAMILY_DEFAULTS["transformer"]
     assert Finetune(optimizer="sgd", base_lr=0.1).family_settings("transformer")["optimizer"] == "sgd"
     s = Finetune(batch_size=128).schedule(5_000, 28, 28, "transformer")
