@@ -79,14 +79,11 @@ DEFAULT_BASE_LR = 0.4  # this protocol's default at batch 512 (0.1 at 128): benc
 # ViT is short of updates at 512 (MNIST, same images: 97.36 → 98.14 %).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "convnet": {"batch_size": BASE_BATCH, "optimizer": "sgd", "base_lr": DEFAULT_BASE_LR, "decay": "step",
-                "weight_decay": 0.0, "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None, "bit_crop": True,
-                "translate": 0},
+                "weight_decay": 0.0, "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None, "bit_crop": True},
     "transformer": {"batch_size": 128, "optimizer": "adamw", "base_lr": 8e-3, "decay": "cosine",
-                    "weight_decay": 0.05, "layer_decay": 0.75, "drop_path": 0.1, "grad_clip": 1.0, "bit_crop": False,
-                    "translate": 0},
+                    "weight_decay": 0.05, "layer_decay": 0.75, "drop_path": 0.1, "grad_clip": 1.0, "bit_crop": False},
     "recurrent": {"batch_size": BASE_BATCH, "optimizer": "adamw", "base_lr": 8e-3, "decay": "cosine",
-                  "weight_decay": 0.05, "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": 1.0, "bit_crop": False,
-                  "translate": 0},
+                  "weight_decay": 0.05, "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": 1.0, "bit_crop": False},
 }
 MIXUP_FROM, MIXUP_ALPHA = 20_000, 0.1
 SMALL_AREA = 96 * 96
@@ -157,8 +154,8 @@ class Finetune(Protocol):
         backbone's size and not cropped (transformers: a ViT's position embeddings then see objects
         at the scale they were pretrained on; measured in benchmarks/results/finetune_families.md).
     translate: shift each training image by a random offset of up to ± this many pixels (reflect
-        padding, then a crop back to size; family: 0). BiT's crop already shifts; this shifts without
-        rescaling, for the view that keeps the backbone's size.
+        padding, then a crop back to size; 0 for every family, as measured). BiT's crop already
+        shifts; this shifts without rescaling, for the view that keeps the backbone's size.
     flip: random horizontal flips in training (BiT flips every task; off by default here: a
         mirrored digit or letter is another symbol; turn on for natural images).
     test_crop: test on the centre crop of the image resized as in training, so that objects have
@@ -195,7 +192,7 @@ class Finetune(Protocol):
         grad_clip: Annotated[float, Field(gt=0)] | None = None,
         resize: Annotated[int, Field(ge=1)] | None = None,
         bit_crop: bool | None = None,
-        translate: Annotated[int, Field(ge=0)] | None = None,
+        translate: Annotated[int, Field(ge=0)] = 0,
         flip: bool = False,
         test_crop: bool = True,
         seed: int = 0,
@@ -246,7 +243,7 @@ class Finetune(Protocol):
         given = {"lr": self.lr, "warmup_steps": self.warmup_steps, "mixup_alpha": self.mixup_alpha,
                  "resize": self.resize if self.resize is not None or opt["bit_crop"] else image_size}
         s = dataclasses.replace(s, momentum=self.momentum, weight_decay=weight_decay, decay=opt["decay"],
-                                translate=opt["translate"],
+                                translate=self.translate,
                                 **{k: v for k, v in given.items() if v is not None})
         if s.resize < s.crop:
             raise ValueError(f"finetune: resize={s.resize} is smaller than the crop ({s.crop})")

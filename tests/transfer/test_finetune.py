@@ -339,7 +339,7 @@ def test_each_family_gets_its_optimiser_and_a_key_overrides_it():
     assert Finetune().family_settings("convnet") == {"batch_size": 512, "optimizer": "sgd", "base_lr": 0.4,
                                                         "weight_decay": 0.0,
                                                         "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None,
-                                                        "decay": "step", "bit_crop": True, "translate": 0}
+                                                        "decay": "step", "bit_crop": True}
     assert Finetune().family_settings("transformer") == FAMILY_DEFAULTS["transformer"]
     assert Finetune(optimizer="sgd", base_lr=0.1).family_settings("transformer")["optimizer"] == "sgd"
     s = Finetune(batch_size=128).schedule(5_000, 28, 28, "transformer")
