@@ -60,5 +60,5 @@ def pretrain(recipe: Recipe, run_dir: Path, data: ImageDataset, model: Objective
     distributed.unwrap(net, model)
     if out["stopped"] and rank == 0:
         console.print(f"stopped at step {out['steps_done']}; checkpoint saved, resume with --resume {run_dir}")
-    return {"steps_done": out["steps_done"], "stopped": out["stopped"], "device": str(dev),
-            "precision": str(dtype or torch.float32).replace("torch.", ""), "processes": world}
+    return {"start_step": out["start_step"], "steps_done": out["steps_done"], "stopped": out["stopped"],
+            "device": str(dev), "precision": str(dtype or torch.float32).replace("torch.", ""), "processes": world}

@@ -184,7 +184,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
     gets ``lr_fn(step) · lr_scale``. With ``loop.world > 1`` every rank calls this, and the ranks
     agree after each step on the mean scalars and on stopping.
 
-    Returns ``{"steps_done", "stopped", "history"}``: ``history`` holds the records logged by this
+    Returns ``{"start_step", "steps_done", "stopped", "history"}`` (``start_step``: the step this call
+    resumed from, 0 for a fresh run): ``history`` holds the records logged by this
     call (every ``log_every`` steps and at checkpoints, and ``loop.monitor``'s), as written to
     ``metrics.jsonl``. ``images_per_s`` counts training time only, not the monitor's.
     """
@@ -239,5 +240,5 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
                 break
     if log is not None:
         log.close()
-    return {"steps_done": done, "stopped": stopping, "history": history}
+    return {"start_step": start, "steps_done": done, "stopped": stopping, "history": history}
 

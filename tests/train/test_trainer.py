@@ -154,7 +154,7 @@ def test_pretraining_goes_through_fit(tmp_path, monkeypatch):
 
     def spy(model, opt, lr_fn, batches_fn, loop, console, net=None):
         seen.append((loop.steps, loop.label, loop.run_dir, loop.meta["recipe"]["optim"]["steps"]))
-        return {"steps_done": loop.steps, "stopped": False, "history": []}
+        return {"start_step": 0, "steps_done": loop.steps, "stopped": False, "history": []}
 
     monkeypatch.setattr(trainer, "fit", spy)
     recipe = resolve("fractals-vit", ["run.tiny=true", f"run.out={tmp_path / 'r'}"])
