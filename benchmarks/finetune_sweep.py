@@ -24,7 +24,7 @@ torch.set_num_threads(2)
 run, ntr, nte = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 mnist = os.path.join(os.environ.get("BIGMODEL_DATA", "../shared/data"), "mnist.npz")
 net, found, recipe = api.load_backbone(run)
-twin = build.random_twin(recipe)
+twin = build.random_twin(recipe, pretrained=net)  # with the checkpoint's fitted palette (iGPT, LSTM)
 tr = data_base.materialize(DATASETS.build("npz", split="train", path=mnist, limit=ntr))
 te = data_base.materialize(DATASETS.build("npz", split="test", path=mnist, limit=nte))
 for cfg in sys.argv[4:]:

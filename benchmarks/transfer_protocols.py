@@ -84,7 +84,7 @@ def main() -> None:
     specs = suites.specs(entries)
     rows = run_suite(specs, {"pretrained": net}, recipe.run.eval_batch_size, dtype)
     if args.from_scratch:  # the same fine-tuning protocol and steps on the random-init twin
-        twin = build.random_twin(recipe).to(dev)
+        twin = build.random_twin(recipe, pretrained=net).to(dev)  # the fitted palette too
         for row, spec in zip(rows, specs, strict=True):
             if spec.protocol.name == "finetune":
                 row["results"].update(run_suite([spec], {"from_scratch": twin})[0]["results"])

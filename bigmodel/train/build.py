@@ -222,10 +222,14 @@ def random_twin(recipe: Recipe, data: ImageDataset | None = None, pretrained: Ba
     Data-dependent state fitted before training (ImageGPT's and the causal LSTM's colour palette)
     must be the same too: with ``data`` (the pretraining set) the objective's ``setup`` fits it
     again; with ``pretrained`` (the trained backbone, when the data is absent) it is copied from
-    there, since training never changes it.
+    there, since training never changes it. A backbone with such state and neither of them is an
+    error, not a twin with the unfitted default (evenly spaced grey levels).
     """
     torch.manual_seed(recipe.run.seed)
     net = backbone(recipe.architecture)
+    if data is None and pretrained is None and any(k.startswith("palette.") for k in net.state_dict()):
+        raise ValueError(f"random_twin: {recipe.architecture.name}'s colour palette is fitted to the pretraining "
+                         f"data; pass data= (the pretraining set) or pretrained= (the trained backbone)")
     if data is not None:
         objective(recipe, net, data).setup(data)
     elif pretrained is not None:
