@@ -349,6 +349,8 @@ def test_each_family_gets_its_optimiser_and_a_key_overrides_it():
     t = Finetune(schedule_scale=0.05).schedule(60_000, 28, 28, "transformer")  # the family's batch
     assert (t.batch_size, t.steps, t.lr) == (FAMILY_DEFAULTS["transformer"]["batch_size"], 2000, 8e-3 * 128 / 512)
     assert Finetune(schedule_scale=0.05).schedule(60_000, 28, 28).steps == 500  # convnets: BiT's 512
+    r = Finetune(schedule_scale=0.05).schedule(60_000, 14, 14, "recurrent")  # the LSTM: 128 too, the same images
+    assert (r.batch_size, r.steps, r.lr, r.decay) == (128, 2000, 8e-3 * 128 / 512, "cosine")
     # the training view: BiT's upscale-then-crop for convnets, the backbone's size for transformers
     assert Finetune().schedule(5_000, 28, 28).resize == 35
     assert Finetune().schedule(5_000, 28, 28, "transformer").resize == 28
