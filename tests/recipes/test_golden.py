@@ -1,5 +1,6 @@
 """Golden losses: the tiny run of every zoo recipe (fixed seed, fp32, one thread, a log line per
-step) reproduces the losses recorded in ``golden_losses.json``, step by step, within ``RTOL``.
+step) reproduces the losses recorded in ``golden_losses.json``, step by step, within ``RTOL`` at
+step 1 and ``LATER_RTOL`` after (see there why).
 
 A silent change to any objective, augmentation, architecture, initialisation or data pipeline moves
 these numbers. Changing one ON PURPOSE means rerunning
@@ -22,9 +23,15 @@ from bigmodel import api
 from bigmodel.recipe import resolve, zoo_names
 
 GOLDEN_FILE = Path(__file__).with_name("golden_losses.json")
-# fp32 on a CPU with one thread is bit-reproducible on one machine; another CPU's kernels (AVX2 vs
-# AVX-512, another oneDNN) may round differently in the last bits, which four steps keep far below this.
+# fp32 on a CPU with one thread is bit-reproducible on one machine. Another CPU's kernels (AVX-512 with
+# or without AMX, AVX2, another oneDNN) round the backward pass differently in the last bits, and AdamW's
+# first updates (about lr · sign(gradient)) make those bits visible within a few steps: on an AVX-512
+# machine without AMX (2026-12-04) every recorded step-1 loss matched to 1e-7 while later steps moved by up
+# to 5e-3 (simclr-resnet, step 4). So step 1 (the initialisation's forward pass on the first batch, which
+# any change of objective, augmentation, architecture, initialisation or data moves) is held to RTOL, the
+# steps after it (which the optimiser and the training step move as well) to LATER_RTOL.
 RTOL = 1e-4
+LATER_RTOL = 2e-2
 GOLDEN_KEYS = ("loss", "aux_loss")
 
 
@@ -52,9 +59,13 @@ def golden() -> dict[str, dict[str, dict[str, float]]]:
 
 def assert_golden(name: str, run_dir: Path) -> None:
     got, want = recorded(run_dir), golden()[name]
-    same = got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=RTOL) for k in want)
+    same = got.keys() == want.keys() and all(
+        got[k].keys() == want[k].keys()
+        and all(got[k][s] == pytest.approx(w, rel=RTOL if s == "1" else LATER_RTOL) for s, w in want[k].items())
+        for k in want)
     if not same:
-        pytest.fail(f"{name}: the tiny run logged {got}, not the golden {want} (rel {RTOL}). If an "
+        pytest.fail(f"{name}: the tiny run logged {got}, not the golden {want} (rel {RTOL} at step 1, "
+                    f"{LATER_RTOL} after). If an "
                     f"objective/augmentation changed on purpose, run benchmarks/record_golden.py {name} "
                     f"and say why in the commit.")
 
