@@ -22,11 +22,13 @@ and recorded with the result:
 Every value can be overridden by a protocol key; ``steps`` or ``schedule_scale`` shorten the whole
 schedule proportionally (warm-up and decay steps included) for tests and CPU runs.
 
-Three defaults differ from BiT: the learning rate (``base_lr`` 0.4 at batch 512; BiT's 0.003 leaves
-schedules of a few hundred steps near chance), flips (off: a mirrored digit or letter is another
+Four defaults differ from BiT: the learning rate (``base_lr`` 0.4 at batch 512; BiT's 0.003 leaves
+schedules of a few hundred steps near chance), the batch (128: the published images in 4× the steps;
+at 512 a short schedule leaves a small network short of updates), flips (off: a mirrored digit or letter is another
 symbol) and the test view (``test_crop``: the centre of the image resized as in training, so objects
 keep the training scale, as FixRes argues; BiT tests on the whole image at the crop size). The
-measurements behind them are in ``benchmarks/results/finetune_lr.md``.
+measurements behind them are in ``benchmarks/results/finetune_lr.md`` and
+``benchmarks/results/finetune_families.md``.
 
 BiT's SGD suits its ResNets; transformers fine-tune the way MAE (He et al., 2022, appendix A.1) and
 BEiT (Bao et al., 2022) do: AdamW, layer-wise lr decay (block ``i`` of ``L`` at ``lr · decay^(L+1-i)``,
@@ -75,11 +77,11 @@ BASE_LR, BASE_BATCH = 0.003, 512  # BiT's learning rate at its batch size
 DEFAULT_BASE_LR = 0.4  # this protocol's default at batch 512 (0.1 at 128): benchmarks/results/finetune_lr.md
 # Each backbone family's fine-tuning defaults (``Backbone.family``: batch, optimiser, schedule shape,
 # training view), chosen by measurement (benchmarks/results/finetune_families.md); ``base_lr``: peak lr at
-# batch 512, scaled linearly to the batch. Transformers and the LSTM take the published images in batches of
-# 128: at 512 they are short of updates (MNIST, same images: a tiny ViT 97.36 → 98.14 %, pixel-lstm
-# 97.89 → 98.59 %).
+# batch 512, scaled linearly to the batch. Every family takes the published images in batches of 128: at
+# BiT's 512 a short fine-tune is short of updates (MNIST, same images: a tiny ViT 97.36 → 98.14 %,
+# pixel-lstm 97.89 → 98.59 %, a ResNet-18 ×0.25 from BYOL 97.50 → 99.23 %, its random init 97.93 → 99.10 %).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "convnet": {"batch_size": BASE_BATCH, "optimizer": "sgd", "base_lr": DEFAULT_BASE_LR, "decay": "step",
+    "convnet": {"batch_size": 128, "optimizer": "sgd", "base_lr": DEFAULT_BASE_LR, "decay": "step",
                 "weight_decay": 0.0, "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None, "bit_crop": True},
     "transformer": {"batch_size": 128, "optimizer": "adamw", "base_lr": 8e-3, "decay": "cosine",
                     "weight_decay": 0.05, "layer_decay": 0.75, "drop_path": 0.1, "grad_clip": 1.0, "bit_crop": False},
@@ -129,7 +131,7 @@ class Finetune(Protocol):
     """Args (``None`` = BiT-HyperRule's value for the task):
     steps: schedule length (published: 500 / 10k / 20k by task size, at batch 512).
     schedule_scale: multiplies the schedule length, warm-up and decay steps (e.g. 0.1 for a CPU run).
-    batch_size: images per step (family; BiT's 512 for convnets); without ``steps`` the published
+    batch_size: images per step (family; 128 for all three, BiT used 512); without ``steps`` the published
         length is scaled to see the same images at any batch (:func:`hyperrule`).
     optimizer: ``sgd`` (BiT) or ``adamw`` (MAE/BEiT; betas 0.9, 0.999); the family's by default
         (:data:`FAMILY_DEFAULTS`, like every key below whose default says "family").

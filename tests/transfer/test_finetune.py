@@ -185,8 +185,8 @@ def test_finetune_stops_on_a_non_finite_loss(tiny_mlp):
 def test_default_learning_rate_is_the_measured_one_not_bits():
     """BiT's 0.003 · batch / 512 left 200-step MNIST fine-tunes at chance (module docstring); the
     protocol's default is 0.4 · batch / 512, and hyperrule itself still returns the published value."""
-    assert Finetune().schedule(5_000, 28, 28).lr == 0.4
-    assert Finetune(batch_size=128).schedule(5_000, 28, 28).lr == 0.1
+    assert Finetune(batch_size=512).schedule(5_000, 28, 28).lr == 0.4
+    assert Finetune().schedule(5_000, 28, 28).lr == Finetune(batch_size=128).schedule(5_000, 28, 28).lr == 0.1
     assert Finetune(batch_size=128, base_lr=0.003).schedule(5_000, 28, 28).lr == 0.003 * 128 / 512
     assert Finetune(batch_size=128, lr=0.02).schedule(5_000, 28, 28).lr == 0.02
     assert hyperrule(5_000, batch_size=128).lr == 0.003 * 128 / 512
@@ -336,7 +336,7 @@ def test_each_family_gets_its_optimiser_and_a_key_overrides_it():
     from bigmodel.transfer.finetune import FAMILY_DEFAULTS
     assert (ResNet(depth=18, width=0.25, in_chans=1).family, _vit().family, LSTM(16, 4, 1).family) == \
         ("convnet", "transformer", "recurrent")
-    assert Finetune().family_settings("convnet") == {"batch_size": 512, "optimizer": "sgd", "base_lr": 0.4,
+    assert Finetune().family_settings("convnet") == {"batch_size": 128, "optimizer": "sgd", "base_lr": 0.4,
                                                         "weight_decay": 0.0,
                                                         "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None,
                                                         "decay": "step", "bit_crop": True}
@@ -348,7 +348,9 @@ def test_each_family_gets_its_optimiser_and_a_key_overrides_it():
     assert Finetune(batch_size=128).schedule(5_000, 28, 28).lr == 0.1  # a convnet's without a family
     t = Finetune(schedule_scale=0.05).schedule(60_000, 28, 28, "transformer")  # the family's batch
     assert (t.batch_size, t.steps, t.lr) == (FAMILY_DEFAULTS["transformer"]["batch_size"], 2000, 8e-3 * 128 / 512)
-    assert Finetune(schedule_scale=0.05).schedule(60_000, 28, 28).steps == 500  # convnets: BiT's 512
+    c = Finetune(schedule_scale=0.05).schedule(60_000, 28, 28)  # convnets: BiT's SGD and lr, batch 128 too
+    assert (c.batch_size, c.steps, c.lr, c.decay) == (128, 2000, 0.4 * 128 / 512, "step")
+    assert Finetune(schedule_scale=0.05, batch_size=512).schedule(60_000, 28, 28).steps == 500  # BiT's own batch
     r = Finetune(schedule_scale=0.05).schedule(60_000, 14, 14, "recurrent")  # the LSTM: 128 too, the same images
     assert (r.batch_size, r.steps, r.lr, r.decay) == (128, 2000, 8e-3 * 128 / 512, "cosine")
     # the training view: BiT's upscale-then-crop for convnets, the backbone's size for transformers
