@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/bigmodel run $(ARGS)
 
+# two pytest-xdist workers, one per core: each test runs torch on one thread (tests/conftest.py), so the
+# fast suite takes ~105 s here instead of ~185 s; test-all stays in one process (its slow tests start
+# process groups, torchrun and signals of their own)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not realdata" $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not realdata" $(ARGS)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
