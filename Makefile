@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(BIN)/bigmodel run $(ARGS)
 
 # two pytest-xdist workers, one per core: each test runs torch on one thread (tests/conftest.py), so the
-# fast suite takes ~105 s here instead of ~185 s; test-all stays in one process (its slow tests start
+# fast suite takes 127-133 s here instead of 184-195 s; test-all stays in one process (its slow tests start
 # process groups, torchrun and signals of their own)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "not slow and not realdata" $(ARGS)

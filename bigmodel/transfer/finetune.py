@@ -75,17 +75,19 @@ REGIMES = ((20_000, "small", 500, 100, (200, 300, 400)),
            (math.inf, "large", 20_000, 500, (6_000, 12_000, 18_000)))
 BASE_LR, BASE_BATCH = 0.003, 512  # BiT's learning rate at its batch size
 DEFAULT_BASE_LR = 0.4  # this protocol's default at batch 512 (0.1 at 128): benchmarks/results/finetune_lr.md
+# Every family takes the published images in batches of 128, not BiT's 512: at 512 a short fine-tune is
+# short of updates (MNIST, same images: a tiny ViT 97.36 → 98.14 %, pixel-lstm 97.89 → 98.59 %, a
+# ResNet-18 ×0.25 from BYOL 97.50 → 99.23 %, its random init 97.93 → 99.10 %).
+DEFAULT_BATCH = 128
 # Each backbone family's fine-tuning defaults (``Backbone.family``: batch, optimiser, schedule shape,
 # training view), chosen by measurement (benchmarks/results/finetune_families.md); ``base_lr``: peak lr at
-# batch 512, scaled linearly to the batch. Every family takes the published images in batches of 128: at
-# BiT's 512 a short fine-tune is short of updates (MNIST, same images: a tiny ViT 97.36 → 98.14 %,
-# pixel-lstm 97.89 → 98.59 %, a ResNet-18 ×0.25 from BYOL 97.50 → 99.23 %, its random init 97.93 → 99.10 %).
+# batch 512, scaled linearly to the batch (``DEFAULT_BATCH``, the same for every family).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "convnet": {"batch_size": 128, "optimizer": "sgd", "base_lr": DEFAULT_BASE_LR, "decay": "step",
+    "convnet": {"optimizer": "sgd", "base_lr": DEFAULT_BASE_LR, "decay": "step",
                 "weight_decay": 0.0, "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None, "bit_crop": True},
-    "transformer": {"batch_size": 128, "optimizer": "adamw", "base_lr": 8e-3, "decay": "cosine",
+    "transformer": {"optimizer": "adamw", "base_lr": 8e-3, "decay": "cosine",
                     "weight_decay": 0.05, "layer_decay": 0.75, "drop_path": 0.1, "grad_clip": 1.0, "bit_crop": False},
-    "recurrent": {"batch_size": 128, "optimizer": "adamw", "base_lr": 8e-3, "decay": "cosine",
+    "recurrent": {"optimizer": "adamw", "base_lr": 8e-3, "decay": "cosine",
                   "weight_decay": 0.05, "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": 1.0, "bit_crop": False},
 }
 MIXUP_FROM, MIXUP_ALPHA = 20_000, 0.1
@@ -131,7 +133,7 @@ class Finetune(Protocol):
     """Args (``None`` = BiT-HyperRule's value for the task):
     steps: schedule length (published: 500 / 10k / 20k by task size, at batch 512).
     schedule_scale: multiplies the schedule length, warm-up and decay steps (e.g. 0.1 for a CPU run).
-    batch_size: images per step (family; 128 for all three, BiT used 512); without ``steps`` the published
+    batch_size: images per step (128 for every family; BiT used 512); without ``steps`` the published
         length is scaled to see the same images at any batch (:func:`hyperrule`).
     optimizer: ``sgd`` (BiT) or ``adamw`` (MAE/BEiT; betas 0.9, 0.999); the family's by default
         (:data:`FAMILY_DEFAULTS`, like every key below whose default says "family").
@@ -180,7 +182,7 @@ class Finetune(Protocol):
         self,
         steps: Annotated[int, Field(ge=1)] | None = None,
         schedule_scale: Annotated[float, Field(gt=0)] = 1.0,
-        batch_size: Annotated[int, Field(ge=1)] | None = None,
+        batch_size: Annotated[int, Field(ge=1)] = DEFAULT_BATCH,
         base_lr: Annotated[float, Field(gt=0)] | None = None,
         lr: Annotated[float, Field(gt=0)] | None = None,
         warmup_steps: Annotated[int, Field(ge=0)] | None = None,
@@ -241,7 +243,7 @@ class Finetune(Protocol):
         """:func:`hyperrule` for the task, with this protocol's overrides and ``family``'s defaults applied."""
         opt = self.family_settings(family)
         base_lr, weight_decay = opt["base_lr"], opt["weight_decay"]
-        s = hyperrule(num_train_examples, opt["batch_size"], image_size, source_size, base_lr=base_lr,
+        s = hyperrule(num_train_examples, self.batch_size, image_size, source_size, base_lr=base_lr,
                       steps=self.steps, schedule_scale=self.schedule_scale, decay_at=self.decay_at)
         given = {"lr": self.lr, "warmup_steps": self.warmup_steps, "mixup_alpha": self.mixup_alpha,
                  "resize": self.resize if self.resize is not None or opt["bit_crop"] else image_size}
@@ -323,7 +325,8 @@ class Finetune(Protocol):
         pred = self.predict_proba(model, test).argmax(1)
         return {"top1": 100.0 * (pred == test.targets).float().mean().item(), "train_loss": model.train_loss,
                 "schedule": s.as_dict(),
-                "optimizer": {"family": backbone.family, **self.family_settings(backbone.family)}}
+                "optimizer": {"family": backbone.family, "batch_size": self.batch_size,
+                              **self.family_settings(backbone.family)}}
 
 
 def optimiser(model: Classifier, s: Schedule, settings: dict[str, Any]) -> torch.optim.Optimizer:

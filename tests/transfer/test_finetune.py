@@ -336,7 +336,8 @@ def test_each_family_gets_its_optimiser_and_a_key_overrides_it():
     from bigmodel.transfer.finetune import FAMILY_DEFAULTS
     assert (ResNet(depth=18, width=0.25, in_chans=1).family, _vit().family, LSTM(16, 4, 1).family) == \
         ("convnet", "transformer", "recurrent")
-    assert Finetune().family_settings("convnet") == {"batch_size": 128, "optimizer": "sgd", "base_lr": 0.4,
+    assert Finetune().batch_size == 128  # every family's (DEFAULT_BATCH)
+    assert Finetune().family_settings("convnet") == {"optimizer": "sgd", "base_lr": 0.4,
                                                         "weight_decay": 0.0,
                                                         "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": None,
                                                         "decay": "step", "bit_crop": True}
@@ -347,7 +348,7 @@ def test_each_family_gets_its_optimiser_and_a_key_overrides_it():
     assert s.weight_decay == FAMILY_DEFAULTS["transformer"]["weight_decay"]
     assert Finetune(batch_size=128).schedule(5_000, 28, 28).lr == 0.1  # a convnet's without a family
     t = Finetune(schedule_scale=0.05).schedule(60_000, 28, 28, "transformer")  # the family's batch
-    assert (t.batch_size, t.steps, t.lr) == (FAMILY_DEFAULTS["transformer"]["batch_size"], 2000, 8e-3 * 128 / 512)
+    assert (t.batch_size, t.steps, t.lr) == (128, 2000, 8e-3 * 128 / 512)
     c = Finetune(schedule_scale=0.05).schedule(60_000, 28, 28)  # convnets: BiT's SGD and lr, batch 128 too
     assert (c.batch_size, c.steps, c.lr, c.decay) == (128, 2000, 0.4 * 128 / 512, "step")
     assert Finetune(schedule_scale=0.05, batch_size=512).schedule(60_000, 28, 28).steps == 500  # BiT's own batch
