@@ -79,7 +79,7 @@ DEFAULT_BASE_LR = 0.4  # this protocol's default at batch 512 (0.1 at 128): benc
 # short of updates (MNIST, same images: a tiny ViT 97.36 → 98.14 %, pixel-lstm 97.89 → 98.59 %, a
 # ResNet-18 ×0.25 from BYOL 97.50 → 99.23 %, its random init 97.93 → 99.10 %).
 DEFAULT_BATCH = 128
-# Each backbone family's fine-tuning defaults (``Backbone.family``: batch, optimiser, schedule shape,
+# Each backbone family's fine-tuning defaults (``Backbone.family``: optimiser, schedule shape,
 # training view), chosen by measurement (benchmarks/results/finetune_families.md); ``base_lr``: peak lr at
 # batch 512, scaled linearly to the batch (``DEFAULT_BATCH``, the same for every family).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {

@@ -347,7 +347,7 @@ def test_each_family_gets_its_optimiser_and_a_key_overrides_it():
     assert s.lr == FAMILY_DEFAULTS["transformer"]["base_lr"] * 128 / 512
     assert s.weight_decay == FAMILY_DEFAULTS["transformer"]["weight_decay"]
     assert Finetune(batch_size=128).schedule(5_000, 28, 28).lr == 0.1  # a convnet's without a family
-    t = Finetune(schedule_scale=0.05).schedule(60_000, 28, 28, "transformer")  # the family's batch
+    t = Finetune(schedule_scale=0.05).schedule(60_000, 28, 28, "transformer")  # AdamW at the default batch
     assert (t.batch_size, t.steps, t.lr) == (128, 2000, 8e-3 * 128 / 512)
     c = Finetune(schedule_scale=0.05).schedule(60_000, 28, 28)  # convnets: BiT's SGD and lr, batch 128 too
     assert (c.batch_size, c.steps, c.lr, c.decay) == (128, 2000, 0.4 * 128 / 512, "step")
