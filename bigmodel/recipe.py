@@ -68,6 +68,7 @@ class RunConfig(BaseModel):
     out: str = "runs/quickstart"
     seed: int = 0
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    deterministic: bool = False  # deterministic GPU kernels: a resumed run matches an unbroken one bit for bit
     checkpoint_every: Annotated[int, Field(ge=1)] = 200
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     log_every: Annotated[int, Field(ge=1)] = 20

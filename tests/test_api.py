@@ -120,15 +120,16 @@ def test_overrides_take_the_cli_forms_and_sources() -> None:
 def test_load_gives_the_trained_backbone(tiny) -> None:
     result, trained = tiny
     images = digits(split="test").images[:32]  # uint8 (32, 1, 8, 8): preprocessing resizes to 32²
+    dev = next(trained.parameters()).device  # the trained model stays where it trained (a GPU's, if any)
     with torch.no_grad():
-        expected = trained.backbone.eval()(to_input(images, 32, 1))
+        expected = trained.backbone.eval()(to_input(images, 32, 1).to(dev))
     for where in (result.run_dir, result.run_dir / "checkpoints" / "step_00000006"):
         m = bigmodel.load(where)
         assert (m.step, m.checkpoint.name) == (6, "step_00000006")
         assert m.objective.backbone is m.backbone and not m.backbone.training
         assert m.recipe.raw == result.report["recipe"]
         assert m.classes == [f"ifs{i}" for i in range(8)]  # the tiny fractals' classes
-        assert torch.equal(m.preprocess(images), to_input(images, 32, 1))
+        assert torch.equal(m.preprocess(images), to_input(images, 32, 1).to(m.device))
         assert torch.equal(m.preprocess(images[0]), m.preprocess(images[:1]))
         assert torch.equal(m.features(images), expected)
         assert torch.equal(m.objective.head(m.features(images)), trained.head(expected))

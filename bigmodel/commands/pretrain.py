@@ -48,7 +48,8 @@ def pretrain(recipe: Recipe, run_dir: Path, data: ImageDataset, model: Objective
     dtype = build.autocast_dtype(run, dev)
     probe = Monitor(run.monitor, model, run.eval_batch_size, dtype) if run.monitor is not None else None
     loop = trainer.Loop(steps=cfg.steps, seed=run.seed, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip,
-                        dtype=dtype, run_dir=run_dir, checkpoint_every=run.checkpoint_every,
+                        dtype=dtype, deterministic=run.deterministic, run_dir=run_dir,
+                        checkpoint_every=run.checkpoint_every,
                         keep_checkpoints=run.keep_checkpoints, log_every=run.log_every, tensorboard=run.tensorboard,
                         rank=rank, world=world, monitor=probe, monitor_every=run.monitor.every if probe else 1,
                         meta={"recipe": recipe.raw, "num_classes": data.num_classes,  # rebuilt without the data

@@ -1,4 +1,5 @@
-"""Which autocast dtype a step runs under: ``fp32``, ``bf16``, or ``auto`` (bf16 where it pays).
+"""Numerics of a training step: which autocast dtype it runs under (``fp32``, ``bf16``, or ``auto``:
+bf16 where it pays), and whether it runs deterministic kernels (:func:`deterministic`).
 
 ``auto`` takes bf16 on hardware with native bf16 matrix units:
 
@@ -13,7 +14,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
+
+# cuBLAS is deterministic with a fixed workspace per stream; torch's deterministic mode refuses a matrix
+# product on CUDA unless this is one of ":4096:8" or ":16:8" (PyTorch's "Reproducibility" notes)
+CUBLAS_WORKSPACE = ":4096:8"
 
 
 def autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
@@ -26,6 +35,28 @@ def autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
     if dev.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if dev.type == "cpu" and cpu_bf16() else None
+
+
+@contextlib.contextmanager
+def deterministic(on: bool) -> Iterator[None]:
+    """While inside, with ``on``: ``torch.use_deterministic_algorithms(True)`` (and cuBLAS's fixed
+    workspace), so that two runs of a step on one GPU give the same bits; the previous setting is
+    restored on leaving. Without it, GPU kernels that accumulate with atomics (a convolution's weight
+    gradient, scatter-adds in the backward of gathers and of routing) sum in a varying order, and a
+    stopped-and-resumed run, like any second run, differs in the last bits (measured on an H200:
+    benchmarks/results/gpu.md). On the CPU every kernel used here is deterministic already, and this
+    changes nothing. An op with no deterministic kernel then raises, naming itself."""
+    if not on:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def cpu_bf16() -> str | None:

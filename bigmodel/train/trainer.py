@@ -28,7 +28,7 @@ from rich.console import Console
 
 from bigmodel.errors import NonFiniteLoss
 from bigmodel.recipe import OptimConfig
-from bigmodel.train import checkpoint, distributed
+from bigmodel.train import checkpoint, distributed, precision
 from bigmodel.train.metrics import MetricsLog, StepProgress
 from bigmodel.train.signals import GracefulStop
 
@@ -82,6 +82,7 @@ class Loop:
     accum_steps: int = 1
     grad_clip: float | None = None
     dtype: torch.dtype | None = None  # autocast dtype; None = fp32
+    deterministic: bool = False  # deterministic kernels (precision.deterministic): bit-exact resume on a GPU
     run_dir: Path | None = None  # checkpoints/ and metrics.jsonl go here; a run there is resumed
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -206,7 +207,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
     signals = ckpt_dir is not None and loop.stop_on_signal
     stop_ctx = GracefulStop() if signals else contextlib.nullcontext(GracefulStop())
     progress = StepProgress(shown, loop.steps, start, loop.label)
-    with progress as bar, stop_ctx as stop, distributed.data_parallel(loop.world):
+    with (progress as bar, stop_ctx as stop, distributed.data_parallel(loop.world),
+          precision.deterministic(loop.deterministic)):
         for step, (images, labels) in enumerate(batches_fn(start), start):
             for group in opt.param_groups:
                 group["lr"] = lr_fn(step) * group.get("lr_scale", 1.0)

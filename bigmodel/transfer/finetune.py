@@ -167,6 +167,8 @@ class Finetune(Protocol):
         the training scale (Touvron et al., 2019, "FixRes"); off: BiT's whole image at crop size.
     seed: data order, augmentation, MixUp and stochastic depth.
     precision: fp32, bf16 autocast, or auto (bf16 where the hardware runs it fast).
+    deterministic: deterministic kernels on a GPU, so that a fine-tune gives the same bits every time
+        it runs and when resumed (:func:`bigmodel.train.precision.deterministic`; the CPU's are already).
     eval_batch_size: images per forward pass at test time.
     checkpoint_dir: folder for checkpoints and metrics.jsonl (one sub-folder per fine-tune: starting
         weights, task data, schedule and settings, see :meth:`Finetune.identity`); a fine-tune killed
@@ -202,6 +204,7 @@ class Finetune(Protocol):
         test_crop: bool = True,
         seed: int = 0,
         precision: Literal["fp32", "bf16", "auto"] = "fp32",
+        deterministic: bool = False,
         eval_batch_size: Annotated[int, Field(ge=1)] = 256,
         checkpoint_dir: str | None = None,
         checkpoint_every: Annotated[int, Field(ge=1)] | None = None,
@@ -228,6 +231,7 @@ class Finetune(Protocol):
         self.test_crop = test_crop
         self.seed = seed
         self.precision = precision
+        self.deterministic = deterministic
         self.eval_batch_size = eval_batch_size
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
@@ -266,7 +270,8 @@ class Finetune(Protocol):
         run_dir = self._run_dir(identity)
         log_every = max(1, s.steps // 20)
         dtype = autocast_dtype(self.precision, dev)
-        loop = Loop(steps=s.steps, seed=seed, grad_clip=fam["grad_clip"], dtype=dtype, run_dir=run_dir,
+        loop = Loop(steps=s.steps, seed=seed, grad_clip=fam["grad_clip"], dtype=dtype,
+                    deterministic=self.deterministic, run_dir=run_dir,
                     checkpoint_every=self.checkpoint_every or max(1, s.steps // 10),
                     log_every=log_every, stop_on_signal=False, label="finetune", lr_key="finetune lr",
                     meta={"finetune": identity, **rebuild_meta(backbone, train)})
@@ -287,11 +292,11 @@ class Finetune(Protocol):
     def identity(self, backbone: Backbone, train: TensorImages, seed: int, s: Schedule) -> dict[str, Any]:
         """Everything that defines this fine-tune, as recorded in its checkpoints' meta and hashed into
         its folder: the schedule, every training setting of the protocol (all but ``checkpoint_dir``,
-        ``checkpoint_every`` and ``eval_batch_size``, which change neither the weights nor the
-        score), the task (its class count and names, and a hash of its images and labels) and the
-        starting weights (a hash of the backbone's state dict: the source checkpoint)."""
+        ``checkpoint_every``, ``eval_batch_size`` and ``deterministic``, which change neither the weights
+        nor the score beyond a GPU's last bits), the task (its class count and names, and a hash of its
+        images and labels) and the starting weights (a hash of the backbone's state dict: the source checkpoint)."""
         settings = {k: v for k, v in vars(self).items() if k not in ("checkpoint_dir", "checkpoint_every",
-                                                                      "eval_batch_size")}
+                                                                      "eval_batch_size", "deterministic")}
         settings.update(self.family_settings(backbone.family), family=backbone.family)
         state = sorted(backbone.state_dict().items())
         identity = {"schedule": s.as_dict(), **settings, "seed": seed,

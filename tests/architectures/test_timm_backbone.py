@@ -27,7 +27,7 @@ from bigmodel.objectives.mae import MAE
 from bigmodel.objectives.supervised import Supervised
 from bigmodel.recipe import RecipeError, validate
 from bigmodel.registry import ARCHITECTURES
-from tests.recipes.test_golden import RTOL, logged_losses
+from tests.recipes.test_golden import LATER_RTOL, RTOL, logged_losses
 
 # Tiny members of three families that are not among bigmodel's own (CPU, milliseconds).
 CONVNEXT = {"model": "convnext_atto", "image_size": 32, "in_chans": 1,
@@ -263,7 +263,10 @@ def run(key: str, tmp_path: Path, transfer: list | None = None) -> dict:
     result = api.run_pipeline(validate(recipe(CONFIGS[arch], objective, out, transfer=transfer)),
                      console=Console(quiet=True), transfer=bool(transfer))
     losses = list(logged_losses(out).values())
-    assert losses == pytest.approx(GOLDEN[key], rel=RTOL), f"{key}: logged {losses}"
+    # CPU recordings; a GPU's kernels (cuDNN convolutions in TF32 by default) moved swin's first loss by
+    # 1.5e-3 on an H200 (benchmarks/results/gpu.md), so there the steps are held to test_golden's LATER_RTOL
+    rel = RTOL if not torch.cuda.is_available() else LATER_RTOL
+    assert losses == pytest.approx(GOLDEN[key], rel=rel), f"{key}: logged {losses}"
     return result
 
 

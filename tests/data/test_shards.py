@@ -156,7 +156,7 @@ def test_a_killed_pretraining_run_resumes_exactly_on_shards(corpus: Path, tmp_pa
             "data": {"name": "shards", "urls": str(corpus), "streams": 2, "shuffle": 7},
             "objective": {"name": "supervised"},
             "optim": {"batch_size": 8, "steps": 6, "warmup_steps": 1},
-            "run": {"out": str(out), "checkpoint_every": 3, "num_workers": workers}})
+            "run": {"out": str(out), "checkpoint_every": 3, "num_workers": workers, "deterministic": True}})
         out.mkdir(exist_ok=True)
         data, model = build.experiment(recipe)
         pretrain(recipe, out, data, model, Console(quiet=True))

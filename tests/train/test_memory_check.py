@@ -60,11 +60,12 @@ def test_a_batch_whose_activations_do_not_fit_is_refused_with_the_numbers(monkey
     monkeypatch.setattr(build, "available_memory", lambda dev: free)
     with pytest.raises(ValueError) as e:
         build.check_memory(_recipe(), DATA, model)
+    where = build.device(_recipe().run).type  # cpu, or cuda on a GPU machine
     assert str(e.value) == (
         f"optim.batch_size = 64 needs at least {(state + 64 * 4130) / 2**30:.1f} GiB per process: "
         f"{state / 2**30:.1f} GiB for the batch's views and the model's weights, gradients and optimizer state, "
         f"and {64 * 4130 / 2**30:.1f} GiB of activations (64 images per forward pass × {4130 / 2**20:.1f} MiB), "
-        f"more than the {free / 2**30:.1f} GiB free on cpu; raise optim.accum_steps, lower optim.batch_size or "
+        f"more than the {free / 2**30:.1f} GiB free on {where}; raise optim.accum_steps, lower optim.batch_size or "
         f"set run.activation_checkpointing=true")
     build.check_memory(_recipe(accum_steps=2), DATA, model)  # 32 images per pass: fits
 

@@ -1,8 +1,11 @@
 """precision: bf16 units detected from torch's probes or /proc/cpuinfo (not the capability string);
-``auto`` follows them."""
+``auto`` follows them; deterministic kernels inside :func:`precision.deterministic` only."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from bigmodel.train import precision
@@ -41,3 +44,25 @@ def test_auto_follows_the_hardware(monkeypatch) -> None:
     assert precision.autocast_dtype("auto", CPU) is torch.bfloat16
     _units(monkeypatch, amx=False, avx512_bf16=False)
     assert precision.autocast_dtype("auto", CPU) is None
+
+
+def test_deterministic_turns_torchs_mode_on_inside_and_restores_the_callers(monkeypatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with precision.deterministic(False):
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # off: nothing touched
+    with precision.deterministic(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a user's own setting is kept
+    torch.use_deterministic_algorithms(True, warn_only=True)  # and so is a caller's mode
+    try:
+        with pytest.raises(RuntimeError, match="boom"), precision.deterministic(True):
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+            raise RuntimeError("boom")
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -153,13 +153,26 @@ def test_pretraining_goes_through_fit(tmp_path, monkeypatch):
     seen = []
 
     def spy(model, opt, lr_fn, batches_fn, loop, console, net=None):
-        seen.append((loop.steps, loop.label, loop.run_dir, loop.meta["recipe"]["optim"]["steps"]))
+        seen.append((loop.steps, loop.label, loop.run_dir, loop.meta["recipe"]["optim"]["steps"], loop.deterministic))
         return {"start_step": 0, "steps_done": loop.steps, "stopped": False, "history": []}
 
     monkeypatch.setattr(trainer, "fit", spy)
-    recipe = resolve("fractals-vit", ["run.tiny=true", f"run.out={tmp_path / 'r'}"])
+    recipe = resolve("fractals-vit", ["run.tiny=true", f"run.out={tmp_path / 'r'}", "run.deterministic=true"])
     api.run_pipeline(recipe, Console(quiet=True), transfer=False)
-    assert seen == [(recipe.optim.steps, "pretrain", tmp_path / "r", recipe.optim.steps)]
+    assert seen == [(recipe.optim.steps, "pretrain", tmp_path / "r", recipe.optim.steps, True)]
+
+
+def test_loop_deterministic_holds_for_every_training_step_and_ends_with_the_loop():
+    class Records(Toy):
+        def forward(self, views, labels):
+            self.__dict__.setdefault("modes", []).append(torch.are_deterministic_algorithms_enabled())
+            return super().forward(views, labels)
+
+    for on in (True, False):
+        model = Records()
+        _fit(model, Loop(steps=10, deterministic=on))
+        assert model.modes == [on] * 10
+        assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_non_finite_gradients_with_a_finite_loss_are_never_checkpointed(tmp_path):

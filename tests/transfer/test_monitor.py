@@ -34,7 +34,7 @@ MONITOR = {"task": "digits", "protocol": "knn", "k": K, "every": 2, "limit": LIM
 
 def recipe(out: Path, with_monitor: bool = True):
     run = {"out": str(out), "precision": "fp32", "checkpoint_every": 2, "keep_checkpoints": 3, "log_every": 1,
-           "figures": False, **({"monitor": MONITOR} if with_monitor else {})}
+           "figures": False, "deterministic": True, **({"monitor": MONITOR} if with_monitor else {})}
     return validate({
         "architecture": {"name": "vit", "size": "nano", "image_size": 16, "patch_size": 4, "in_chans": 1},
         "data": {"name": "fractals", "classes": 4, "images_per_class": 8, "image_size": 16, "channels": 1,
