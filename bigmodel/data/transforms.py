@@ -35,11 +35,12 @@ def to_input(images: torch.Tensor, image_size: int, in_chans: int) -> torch.Tens
 
 def random_crop(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """Per-sample random ``size²`` crops of a float batch ``(B, C, H, W)`` (torchvision's
-    ``RandomCrop``, vectorised: one offset pair per image, drawn rows first)."""
+    ``RandomCrop``, vectorised: one offset pair per image, drawn rows first, on the CPU's generator
+    whatever ``x``'s device)."""
     b, c, h, w = x.shape
-    dy = torch.randint(0, h - size + 1, (b,), generator=generator)
-    dx = torch.randint(0, w - size + 1, (b,), generator=generator)
-    ar = torch.arange(size)
+    dy = torch.randint(0, h - size + 1, (b,), generator=generator).to(x.device)
+    dx = torch.randint(0, w - size + 1, (b,), generator=generator).to(x.device)
+    ar = torch.arange(size, device=x.device)
     x = x.gather(2, (dy[:, None] + ar)[:, None, :, None].expand(b, c, size, w))
     return x.gather(3, (dx[:, None] + ar)[:, None, None, :].expand(b, c, size, size))
 
@@ -49,6 +50,6 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4, 
     if pad > 0:
         x = random_crop(F.pad(x, (pad, pad, pad, pad), mode="reflect"), x.shape[-1], generator)
     if flip:
-        mask = torch.rand(len(x), generator=generator) < 0.5
+        mask = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
     return x

@@ -212,7 +212,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, lr_fn: Callable[[int
         for step, (images, labels) in enumerate(batches_fn(start), start):
             for group in opt.param_groups:
                 group["lr"] = lr_fn(step) * group.get("lr_scale", 1.0)
-            gen = torch.Generator().manual_seed(loop.seed * 1_000_003 + step)
+            gen = torch.Generator().manual_seed(loop.seed * 1_000_003 + step)  # draws on the CPU, any device
+            images = images.to(dev, non_blocking=True)  # uint8: the views are made where the step runs
             views = distributed.rank_views(model, images, gen, loop.rank, loop.world, loop.accum_steps)
             views = [v.to(dev, non_blocking=True) for v in views]
             out = train_step(net, opt, views, labels.to(dev), loop.accum_steps, loop.grad_clip, loop.dtype)
