@@ -3,8 +3,8 @@
 # through the trainer's own code (build.optimizer, distributed.wrap for run.compile, trainer.train_step).
 # Prints and writes images/s and MFU of the training step (model FLOPs of forward + backward, counted
 # by bigmodel.analysis.flops, against the GPU's dense bf16 peak) to benchmarks/results/gpu.json, and
-# the host's time to make one batch's views (the trainer augments on the host before each step: when
-# it exceeds the step, a run is host-bound).
+# the time to make one batch's views as the trainer does (the uint8 batch copied to the device and
+# augmented there: when it exceeds the step, a run is input-bound) and, for reference, on the host.
 #
 #   benchmarks/gpu.sh                         # a CUDA machine: within 8 minutes (compilation included)
 #   benchmarks/gpu.sh --peak-tflops 989       # a GPU missing from the table of peaks below
@@ -122,16 +122,22 @@ for row, (arch, objective) in ROWS.items():
         train_step(net, opt, views, labels, grad_clip=recipe.optim.grad_clip, dtype=dtype)
     sync()
     step_s = (time.perf_counter() - t0) / args.steps
-    t0 = time.perf_counter()
-    for i in range(3):  # the host's work per step in the trainer: a batch's views (augmentation) and the copy
-        [v.to(dev, non_blocking=True) for v in model.views(images, torch.Generator().manual_seed(i))]
-    sync()
-    views_s = (time.perf_counter() - t0) / 3
+    def views_s(where: torch.device) -> float:  # seconds for one batch's views made on ``where``, on the device
+        model.views(images.to(where), torch.Generator().manual_seed(9))  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for i in range(3):
+            [v.to(dev, non_blocking=True) for v in model.views(images.to(where), torch.Generator().manual_seed(i))]
+        sync()
+        return (time.perf_counter() - t0) / 3
+
+    views_dev_s = views_s(dev)  # as the trainer makes them: the uint8 batch copied over, augmented there
+    views_host_s = views_s(torch.device("cpu"))  # for reference: augmented on the host, then copied
     tflops = gflop / step_s / 1e3
     figures = {"images_per_s": round(args.batch / step_s, 1), "step_s": round(step_s, 4),
                "gflop_per_step": round(gflop, 1), "tflops": round(tflops, 2),
                "mfu": round(tflops / peak, 4) if peak else None, "warmup_s": round(warm_s, 1),
-               "host_views_s": round(views_s, 4),
+               "views_s": round(views_dev_s, 4), "host_views_s": round(views_host_s, 4),
                "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if cuda else None,
                "autocast": str(dtype).removeprefix("torch.")}
     result["rows"][row] = figures
@@ -139,7 +145,7 @@ for row, (arch, objective) in ROWS.items():
     mfu = f"MFU {100 * figures['mfu']:.1f}% of {peak} TFLOP/s" if peak else "MFU unknown (pass --peak-tflops)"
     print(f"{row:<20} {name}: {figures['images_per_s']:8.1f} img/s, {tflops:7.2f} TFLOP/s, {mfu} "
           f"(batch {args.batch}, bf16, compile {'off' if args.no_compile else 'on'}, warm-up {warm_s:.0f} s; "
-          f"the host makes a batch's views in {views_s:.3f} s)",
+          f"a batch's views: {views_dev_s:.4f} s as the trainer makes them, {views_host_s:.3f} s on the host)",
           flush=True)
     distributed.unwrap(net, model)
     del model, net, opt
