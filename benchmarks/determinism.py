@@ -25,7 +25,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from bigmodel import api
-from bigmodel.recipe import resolve
+from bigmodel.recipe import RunConfig, resolve
 from bigmodel.train import build, checkpoint
 from tests.conftest import synthetic_mnist
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("recipes", nargs="*", default=["mae-vit", "simclr-resnet", "igpt", "mae-vit-moe"])
     parser.add_argument("--out", help="write the rows as JSON here too")
     args = parser.parse_args()
-    dev = build.device(resolve("mae-vit").run)
+    dev = build.device(RunConfig())
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

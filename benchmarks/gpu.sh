@@ -86,6 +86,24 @@ ROWS = {  # MAE: the paper's ViT-B recipe (decoder 512 wide, 8 blocks, 16 heads;
                         {"decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16})}),
     "supervised-vit-b16": (vit, {"name": "supervised"}),
 }
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def views_seconds(model, images: torch.Tensor, where: torch.device) -> float:
+    """Seconds for one batch's views made on ``where`` and moved to the training device (mean of 3)."""
+    model.views(images.to(where), torch.Generator().manual_seed(9))  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    for i in range(3):
+        [v.to(dev, non_blocking=True) for v in model.views(images.to(where), torch.Generator().manual_seed(i))]
+    sync()
+    return (time.perf_counter() - t0) / 3
+
+
 out = Path(args.out)
 out.parent.mkdir(parents=True, exist_ok=True)
 result = {"device": name, "bf16_peak_tflops": peak, "torch": torch.__version__, "tiny": args.tiny,
@@ -108,11 +126,6 @@ for row, (arch, objective) in ROWS.items():
     n = min(args.batch, 8)  # FLOPs are linear in the batch: counted on a slice, eagerly
     gflop = flops.train_step_flops(model, [v[:n] for v in views], labels[:n]) / 1e9 * args.batch / n
     t0 = time.perf_counter()
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     for i in range(args.warmup):  # compilation happens here
         train_step(net, opt, views, labels, grad_clip=recipe.optim.grad_clip, dtype=dtype)
     sync()
@@ -122,17 +135,8 @@ for row, (arch, objective) in ROWS.items():
         train_step(net, opt, views, labels, grad_clip=recipe.optim.grad_clip, dtype=dtype)
     sync()
     step_s = (time.perf_counter() - t0) / args.steps
-    def views_s(where: torch.device) -> float:  # seconds for one batch's views made on ``where``, on the device
-        model.views(images.to(where), torch.Generator().manual_seed(9))  # warm-up
-        sync()
-        t0 = time.perf_counter()
-        for i in range(3):
-            [v.to(dev, non_blocking=True) for v in model.views(images.to(where), torch.Generator().manual_seed(i))]
-        sync()
-        return (time.perf_counter() - t0) / 3
-
-    views_dev_s = views_s(dev)  # as the trainer makes them: the uint8 batch copied over, augmented there
-    views_host_s = views_s(torch.device("cpu"))  # for reference: augmented on the host, then copied
+    views_dev_s = views_seconds(model, images, dev)  # as the trainer makes them: uint8 copied over, augmented there
+    views_host_s = views_seconds(model, images, torch.device("cpu"))  # for reference: on the host, then copied
     tflops = gflop / step_s / 1e3
     figures = {"images_per_s": round(args.batch / step_s, 1), "step_s": round(step_s, 4),
                "gflop_per_step": round(gflop, 1), "tflops": round(tflops, 2),
