@@ -176,7 +176,8 @@ def _finetuned(found: Path, meta: dict[str, Any]) -> Pretrained:
     ft = meta[FINETUNE]
     schedule = Schedule(**{**ft["schedule"], "decay_steps": tuple(ft["schedule"]["decay_steps"])})
     num_classes = _num_classes(found, meta, required=True)
-    model = Classifier(net, num_classes, schedule, flip=ft.get("flip", False), test_crop=ft.get("test_crop", True))
+    model = Classifier(net, num_classes, schedule, flip=ft.get("flip", False), test_crop=ft.get("test_crop", True),
+                       generative_weight=ft.get("generative_weight", 0.0))
     checkpoint.load_weights(found, model)
     return Pretrained(model, found, meta.get("step", 0), meta, None, dict(section), FINETUNE,
                       [str(c) for c in meta.get("classes") or []], _names(meta, num_classes))

@@ -99,6 +99,23 @@ def test_a_finetune_loads_as_its_classifier(tmp_path):
         load_objective(folder)
 
 
+def test_a_generative_finetune_of_igpt_loads_with_its_next_pixel_head(tmp_path):
+    net = loader.load(saved_run(tmp_path, "igpt", ["run.tiny=true"]), device="cpu").backbone
+    g = torch.Generator().manual_seed(0)
+    train = TensorImages(torch.randint(0, 256, (24, 1, 8, 8), dtype=torch.uint8, generator=g),
+                         torch.arange(24) % 3, classes=CLASSES)
+    ft = Finetune(steps=2, batch_size=8, generative_weight=1.0, checkpoint_dir=str(tmp_path / "ft"))
+    model, _ = ft.fit(net, train)
+    (folder,) = (tmp_path / "ft").iterdir()
+    m = loader.load(folder, device="cpu")
+    assert m.kind == "finetune" and m.objective.generative_weight == 1.0
+    saved = checkpoint.read_weights(m.checkpoint)
+    assert "gen_head.weight" in saved and all(torch.equal(saved[k], v) for k, v in m.objective.state_dict().items())
+    u8 = train.images[:4]
+    with torch.no_grad():
+        assert torch.equal(m.logits(m.preprocess(u8)), model.cpu().logits(model.test_input(u8)))
+
+
 def test_missing_and_damaged_checkpoints_are_checkpoint_errors(tmp_path, capsys):
     """Every command loads through the loader, so each says ``checkpoint error:`` and exits 2."""
     run = saved_run(tmp_path, "fractals-vit", VIT)

@@ -8,7 +8,12 @@ Chen et al., 2020). Its interface, shared by ``igpt`` and a causal ``lstm``:
 - ``forward_tokens(tokens)`` → hidden states ``(B, T, token_dim)``, where position ``t`` has seen
   only ``tokens[:, :t]`` (the sequence is shifted right behind a learned start token), so a
   linear head on position ``t`` predicts token ``t``;
-- ``decode(tokens)`` → images ``(B, C, H, W)`` made of palette colours.
+- ``decode(tokens)`` → images ``(B, C, H, W)`` made of palette colours;
+- ``forward_features(x)`` → per-position states ``(B, T, D)`` with the same causality as
+  ``forward_tokens`` (what a generative fine-tune's next-pixel head reads, see
+  :class:`bigmodel.objectives.classifier.Classifier`).
+
+``token_mode`` says whether an instance is such a model (an ``lstm`` over patches is not).
 
 The palette lives in buffers of the backbone, so it is saved with the weights and restored on
 load. Until it is fitted (:meth:`Palette.fit`, called by the objective's ``setup`` on the
@@ -81,6 +86,7 @@ class SequenceModel(Backbone):
 
     palette: Palette
     token_dim: int
+    token_mode: bool = True
 
     @property
     def vocab_size(self) -> int:

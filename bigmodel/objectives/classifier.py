@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigmodel.architectures.base import Backbone
+from bigmodel.architectures.sequence import SequenceModel
 from bigmodel.data.transforms import random_crop, random_crop_flip, to_input
 from bigmodel.objectives.base import Objective
 
@@ -63,17 +64,33 @@ class Classifier(Objective):
     :meth:`logits` maps normalised images ``(B, C, S, S)`` to ``(B, num_classes)``. After
     :meth:`~bigmodel.transfer.finetune.Finetune.fit`, ``train_loss`` is the mean logged training loss
     of the last tenth of steps.
+
+    With ``generative_weight`` w > 0 (a causal :class:`~bigmodel.architectures.sequence.SequenceModel`
+    only) it trains on iGPT's joint objective (Chen et al., 2020, §3.4: "L_GEN + L_CLF works even
+    better" than L_CLF alone): a second new linear head, ``gen_head``, predicts each position's colour
+    token from the same per-position features the class head's pooled features come from, and the loss
+    is the classification loss + w · that next-pixel cross-entropy (logged apart as ``gen_loss``). The
+    class logits are unchanged (``head(backbone(x))``), so testing, ``predict`` and export ignore it.
     """
 
     train_loss: float | None = None
 
     def __init__(self, backbone: Backbone, num_classes: int, schedule: Schedule, flip: bool = False,
-                 test_crop: bool = True):
+                 test_crop: bool = True, generative_weight: float = 0.0):
         super().__init__(backbone)
         self.head = nn.Linear(backbone.feature_dim, num_classes)
         nn.init.zeros_(self.head.weight)  # BiT: the new head starts at zero
         nn.init.zeros_(self.head.bias)
         self.schedule, self.flip, self.test_crop = schedule, flip, test_crop
+        self.generative_weight, self.gen_head = generative_weight, None
+        if generative_weight > 0:
+            if not (isinstance(backbone, SequenceModel) and backbone.token_mode):
+                raise ValueError(f"finetune: generative_weight={generative_weight} needs a causal model of pixel "
+                                 f"tokens (igpt, or lstm with causal: true, patch_size: 1), not "
+                                 f"{type(backbone).__name__}; set generative_weight: 0")
+            self.gen_head = nn.Linear(backbone.feature_dim, backbone.vocab_size)
+            nn.init.normal_(self.gen_head.weight, std=0.02)  # as the autoregressive objective's head
+            nn.init.zeros_(self.gen_head.bias)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -107,8 +124,16 @@ class Classifier(Objective):
         lam = views[1][:1].to(x.dtype)[:, None, None, None] if len(views) == 2 else None
         if lam is not None:
             x = lam * x + (1 - lam) * x.flip(0)
-        logits = self.logits(x).float()
+        if self.gen_head is None:
+            logits, gen = self.logits(x).float(), None
+        else:  # one pass: per-position features → pooled for the class head, each position for the next pixel
+            features = self.backbone.forward_features(x)
+            logits = self.head(self.backbone.pool(features)).float()
+            gen = F.cross_entropy(self.gen_head(features).flatten(0, 1).float(), self.backbone.tokens(x).flatten())
         loss = F.cross_entropy(logits, labels)
         if lam is not None:
             loss = lam.flatten()[0] * loss + (1 - lam.flatten()[0]) * F.cross_entropy(logits, labels.flip(0))
-        return {"loss": loss, "acc": (logits.argmax(-1) == labels).float().mean()}
+        out = {"acc": (logits.argmax(-1) == labels).float().mean()}
+        if gen is not None:
+            loss, out["gen_loss"] = loss + self.generative_weight * gen, gen.detach()
+        return {"loss": loss, **out}

@@ -55,6 +55,7 @@ import torch
 from pydantic import Field
 from rich.console import Console
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from torch import nn
 
 from bigmodel.architectures.base import Backbone
 from bigmodel.data.base import TensorImages
@@ -165,6 +166,8 @@ class Finetune(Protocol):
         mirrored digit or letter is another symbol; turn on for natural images).
     test_crop: test on the centre crop of the image resized as in training, so that objects have
         the training scale (Touvron et al., 2019, "FixRes"); off: BiT's whole image at crop size.
+    generative_weight: iGPT's joint objective L_CLF + w · L_GEN (Chen et al., 2020, §3.4; they used 1)
+        for igpt or a causal lstm over pixels; 0 = off, the default (:class:`Classifier`).
     seed: data order, augmentation, MixUp and stochastic depth.
     precision: fp32, bf16 autocast, or auto (bf16 where the hardware runs it fast).
     deterministic: deterministic kernels on a GPU, so that a fine-tune gives the same bits every time
@@ -202,6 +205,7 @@ class Finetune(Protocol):
         translate: Annotated[int, Field(ge=0)] = 0,
         flip: bool = False,
         test_crop: bool = True,
+        generative_weight: Annotated[float, Field(ge=0)] = 0.0,
         seed: int = 0,
         precision: Literal["fp32", "bf16", "auto"] = "fp32",
         deterministic: bool = False,
@@ -229,6 +233,7 @@ class Finetune(Protocol):
         self.translate = translate
         self.flip = flip
         self.test_crop = test_crop
+        self.generative_weight = generative_weight
         self.seed = seed
         self.precision = precision
         self.deterministic = deterministic
@@ -279,7 +284,8 @@ class Finetune(Protocol):
             check_resumable(run_dir, identity)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)  # stochastic depth and the like draw from the global RNG
-            model = Classifier(copy.deepcopy(backbone), train.num_classes, s, self.flip, self.test_crop).to(dev).train()
+            model = Classifier(copy.deepcopy(backbone), train.num_classes, s, self.flip, self.test_crop,
+                               self.generative_weight).to(dev).train()
             model.backbone.set_drop_path(fam["drop_path"])
             opt = optimiser(model, s, fam)
             out = fit(model, opt, s.lr_at, lambda start: batches(train, s.batch_size, seed, start, s.steps), loop,
@@ -338,7 +344,7 @@ def optimiser(model: Classifier, s: Schedule, settings: dict[str, Any]) -> torch
     """SGD (BiT) or AdamW (betas 0.9, 0.999). Without layer-wise decay SGD treats every weight alike,
     as BiT does; otherwise (and always for AdamW) the parameters are grouped: the backbone's layers with
     their ``lr_scale`` (which :func:`bigmodel.train.trainer.fit` applies), weight decay on matrices
-    only, the head at the full learning rate."""
+    only, the heads (class, and next-pixel with ``generative_weight``) at the full learning rate."""
     bb, decay, sgd = model.backbone, settings["layer_decay"], settings["optimizer"] == "sgd"
     if decay < 1 and bb.group_matcher() is None:
         raise ValueError(f"finetune: layer_decay={decay} needs a backbone whose layers are grouped "
@@ -350,7 +356,8 @@ def optimiser(model: Classifier, s: Schedule, settings: dict[str, Any]) -> torch
               else param_groups_weight_decay(bb, s.weight_decay, skip))
     for g in groups:  # timm scales the top layer by 1; the head is one layer above it (MAE's layer ids)
         g["lr_scale"] = g.get("lr_scale", 1.0) * decay
-    groups += [{**g, "lr_scale": 1.0} for g in param_groups_weight_decay(model.head, s.weight_decay)]
+    heads = [model.head] + ([model.gen_head] if model.gen_head is not None else [])
+    groups += [{**g, "lr_scale": 1.0} for g in param_groups_weight_decay(nn.ModuleList(heads), s.weight_decay)]
     if sgd:
         return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
     return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))

@@ -452,3 +452,71 @@ def test_a_transformer_finetune_with_its_defaults_resumes_to_the_same_weights(mo
     a, b = _weights(whole), _weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["backbone.vit.blocks.0.attn.qkv.weight"], bb.vit.blocks[0].attn.qkv.weight)
+
+
+def _igpt():
+    from bigmodel.architectures.igpt import IGPT
+    torch.manual_seed(0)
+    return IGPT({"width": 16, "depth": 2, "heads": 2}, image_size=6, in_chans=1, colours=4)
+
+
+def test_generative_weight_adds_igpts_next_pixel_loss_on_the_pooled_positions():
+    """L = L_CLF + w · L_GEN (iGPT §3.4), against a by-hand reference; the class logits stay head(backbone(x))."""
+    import torch.nn.functional as F
+    bb = _igpt()
+    s = Finetune(steps=2).schedule(1000, 6, 8, "transformer")
+    model = Classifier(bb, 3, s, generative_weight=0.5)
+    with torch.no_grad():
+        model.head.weight.normal_()  # a non-zero class head, so the class term depends on the features
+    x, labels = torch.randn(4, 1, 6, 6), torch.tensor([0, 2, 1, 2])
+    out = model([x], labels)
+    with torch.no_grad():
+        features, tokens = bb.forward_features(x), bb.tokens(x)
+        cls = F.cross_entropy(model.head(features.mean(1)), labels)
+        logp = model.gen_head(features).log_softmax(-1)  # (B, T, 4)
+        gen = -sum(logp[b, t, tokens[b, t]] for b in range(4) for t in range(36)) / (4 * 36)
+    assert out["gen_loss"].item() == pytest.approx(gen.item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(cls.item() + 0.5 * gen.item(), rel=1e-6)
+    assert torch.equal(model.logits(x), model.head(bb(x)))
+    # position t's features have seen tokens < t only: changing pixel 20 leaves positions 0..20 alone
+    x2 = x.clone()
+    x2[:, 0, 3, 2] = -x2[:, 0, 3, 2].sign()  # raster position 3 * 6 + 2 = 20, to another colour
+    assert not torch.equal(bb.tokens(x2)[:, 20], tokens[:, 20])
+    with torch.no_grad():
+        f2 = bb.forward_features(x2)
+    assert torch.equal(f2[:, :21], features[:, :21]) and not torch.allclose(f2[:, 21], features[:, 21])
+    plain = Classifier(bb, 3, s)
+    assert plain.gen_head is None and "gen_loss" not in plain([x], labels)
+
+
+def test_generative_weight_needs_a_causal_token_model():
+    s = hyperrule(1000, image_size=16)
+    with pytest.raises(ValueError, match=r"generative_weight=1.0 needs a causal model of pixel tokens .* not ViT"):
+        Classifier(_vit(), 10, s, generative_weight=1.0)
+    from bigmodel.architectures.lstm import LSTM
+    with pytest.raises(ValueError, match="not LSTM"):
+        Classifier(LSTM(16, 4, 1), 10, s, generative_weight=1.0)  # over patches, bidirectional
+    assert Classifier(LSTM(8, 1, 1, hidden=8, causal=True, colours=4), 10, s, generative_weight=1.0).gen_head
+
+
+def test_a_generative_finetune_trains_both_heads_at_the_full_lr_and_resumes_exactly(monkeypatch, tmp_path):
+    from bigmodel.transfer.finetune import optimiser
+    bb, train = _igpt(), digits("train")
+    model = Classifier(bb, 10, hyperrule(1000, image_size=6), generative_weight=1.0)
+    opt = optimiser(model, model.schedule, {"optimizer": "adamw", "layer_decay": 0.5})
+    name = {id(p): n for n, p in model.named_parameters()}
+    scale = {name[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert len(scale) == len(list(model.parameters()))  # every parameter trains, once
+    assert scale["gen_head.weight"] == scale["gen_head.bias"] == scale["head.weight"] == 1.0
+    ft = dict(steps=4, batch_size=16, checkpoint_every=2, generative_weight=1.0)
+    whole, _ = Finetune(**ft).fit(bb, train, console=Console(quiet=True))
+    protocol = Finetune(**ft, checkpoint_dir=str(tmp_path / "ft"))
+    _counting(monkeypatch, fail_at=3)
+    with pytest.raises(RuntimeError, match="killed"):
+        protocol.fit(bb, train, console=Console(quiet=True))
+    monkeypatch.undo()
+    resumed, _ = protocol.fit(bb, train, console=Console(quiet=True))
+    a, b = _weights(whole), _weights(resumed)
+    assert "gen_head.weight" in a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = Finetune(**{**ft, "generative_weight": 0.5}).identity(bb, train, 0, protocol.schedule(len(train), 6, 8))
+    assert other != protocol.identity(bb, train, 0, protocol.schedule(len(train), 6, 8))  # never resumes a w=1 one
