@@ -50,6 +50,19 @@ def palette_sample(dataset: ImageDataset, n: int, seed: int) -> torch.Tensor:
     return images[idx] if images is not None else torch.stack([dataset[int(i)][0] for i in idx])
 
 
+def next_pixel_head(backbone: SequenceModel) -> nn.Linear:
+    """A new linear head from a position's hidden state to colour logits (normal(0.02) weights, zero bias)."""
+    head = nn.Linear(backbone.token_dim, backbone.vocab_size)
+    nn.init.zeros_(head.bias)
+    nn.init.normal_(head.weight, std=0.02)
+    return head
+
+
+def next_pixel_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (nats per token) of ``(B, T, vocab)`` logits against ``(B, T)`` tokens, in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+
+
 @OBJECTIVES.register("autoregressive")
 class Autoregressive(Objective):
     """Args:
@@ -69,9 +82,7 @@ class Autoregressive(Objective):
     ):
         super().__init__(backbone)
         self.palette_images, self.palette_seed = palette_images, palette_seed
-        self.head = nn.Linear(backbone.token_dim, backbone.vocab_size)
-        nn.init.zeros_(self.head.bias)
-        nn.init.normal_(self.head.weight, std=0.02)
+        self.head = next_pixel_head(backbone)
 
     def setup(self, dataset: ImageDataset) -> None:
         """Fit the backbone's palette to pixels of ``palette_images`` training images."""
@@ -86,7 +97,7 @@ class Autoregressive(Objective):
         """views: ``[(B, C, H, W)]`` → loss (nats per token), bits per token and next-token accuracy."""
         tokens = self.backbone.tokens(views[0])
         logits = self.logits(tokens)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+        loss = next_pixel_loss(logits, tokens)
         acc = (logits.argmax(-1) == tokens).float().mean()
         return {"loss": loss, "bits_per_token": loss.detach() / math.log(2), "acc": acc}
 

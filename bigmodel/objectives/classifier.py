@@ -20,6 +20,7 @@ from torch import nn
 from bigmodel.architectures.base import Backbone
 from bigmodel.architectures.sequence import SequenceModel
 from bigmodel.data.transforms import random_crop, random_crop_flip, to_input
+from bigmodel.objectives.autoregressive import next_pixel_head, next_pixel_loss
 from bigmodel.objectives.base import Objective
 
 
@@ -88,9 +89,7 @@ class Classifier(Objective):
                 raise ValueError(f"finetune: generative_weight={generative_weight} needs a causal model of pixel "
                                  f"tokens (igpt, or lstm with causal: true, patch_size: 1), not "
                                  f"{type(backbone).__name__}; set generative_weight: 0")
-            self.gen_head = nn.Linear(backbone.feature_dim, backbone.vocab_size)
-            nn.init.normal_(self.gen_head.weight, std=0.02)  # as the autoregressive objective's head
-            nn.init.zeros_(self.gen_head.bias)
+            self.gen_head = next_pixel_head(backbone)  # as the autoregressive objective's, new
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -129,7 +128,7 @@ class Classifier(Objective):
         else:  # one pass: per-position features → pooled for the class head, each position for the next pixel
             features = self.backbone.forward_features(x)
             logits = self.head(self.backbone.pool(features)).float()
-            gen = F.cross_entropy(self.gen_head(features).flatten(0, 1).float(), self.backbone.tokens(x).flatten())
+            gen = next_pixel_loss(self.gen_head(features), self.backbone.tokens(x))
         loss = F.cross_entropy(logits, labels)
         if lam is not None:
             loss = lam.flatten()[0] * loss + (1 - lam.flatten()[0]) * F.cross_entropy(logits, labels.flip(0))
