@@ -58,6 +58,13 @@ class Schedule:
         return dataclasses.asdict(self)
 
 
+def has_pixel_tokens(backbone: Backbone) -> bool:
+    """Whether ``backbone`` is a causal model of pixel tokens (igpt, an lstm with ``causal: true`` and
+    ``patch_size: 1``): the backbones whose features can predict the next pixel, which iGPT's joint
+    objective (``generative_weight``) needs."""
+    return isinstance(backbone, SequenceModel) and backbone.token_mode
+
+
 class Classifier(Objective):
     """A backbone with a zero-initialised task head, trained as an objective: BiT's training views
     (resize, random crop, optional random shift and flip; MixUp with one λ per batch) and cross-entropy.
@@ -85,7 +92,7 @@ class Classifier(Objective):
         self.schedule, self.flip, self.test_crop = schedule, flip, test_crop
         self.generative_weight, self.gen_head = generative_weight, None
         if generative_weight > 0:
-            if not (isinstance(backbone, SequenceModel) and backbone.token_mode):
+            if not has_pixel_tokens(backbone):
                 raise ValueError(f"finetune: generative_weight={generative_weight} needs a causal model of pixel "
                                  f"tokens (igpt, or lstm with causal: true, patch_size: 1), not "
                                  f"{type(backbone).__name__}; set generative_weight: 0")

@@ -26,9 +26,7 @@ Four defaults differ from BiT: the learning rate (``base_lr`` 0.4 at batch 512; 
 schedules of a few hundred steps near chance), the batch (128: the published images in 4× the steps;
 at 512 a short schedule leaves a small network short of updates), flips (off: a mirrored digit or letter is another
 symbol) and the test view (``test_crop``: the centre of the image resized as in training, so objects
-keep the training scale, as FixRes argues; BiT tests on the whole image at the crop size). The
-measurements behind them are in ``benchmarks/results/finetune_lr.md`` and
-``benchmarks/results/finetune_families.md``.
+keep the training scale, as FixRes argues; BiT tests on the whole image at the crop size).
 
 BiT's SGD suits its ResNets; transformers fine-tune the way MAE (He et al., 2022, appendix A.1) and
 BEiT (Bao et al., 2022) do: AdamW, layer-wise lr decay (block ``i`` of ``L`` at ``lr · decay^(L+1-i)``,
@@ -37,7 +35,8 @@ matrices only, stochastic depth, gradient clipping. :data:`FAMILY_DEFAULTS` hold
 defaults (``Backbone.family``) in one place; every key is a protocol setting, so a recipe or ``--set``
 overrides it. The schedule's length, warm-up and MixUp are BiT-HyperRule's for every family; its
 decay (BiT's ÷10 steps or a cosine) and the training view (BiT's upscale-then-crop or the whole image)
-are family keys. Measurements: ``benchmarks/results/finetune_families.md``.
+are family keys; causal pixel-token backbones (igpt, a causal lstm) add iGPT's next-pixel loss
+(``generative_weight``). Measurements: ``benchmarks/results/finetune_lr.md``, ``finetune_families.md``.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ from bigmodel.architectures.base import Backbone
 from bigmodel.data.base import TensorImages
 from bigmodel.data.loader import batches
 from bigmodel.errors import CheckpointError
-from bigmodel.objectives.classifier import Classifier, Schedule
+from bigmodel.objectives.classifier import Classifier, Schedule, has_pixel_tokens
 from bigmodel.registry import PROTOCOLS
 from bigmodel.train import checkpoint
 from bigmodel.train.metrics import read_metrics
@@ -107,11 +106,9 @@ def hyperrule(num_train_examples: int, batch_size: int = BASE_BATCH, image_size:
             batch, as the linear scaling rule has it (Goyal et al., 2017).
         image_size: the backbone's input side (the crop and test size).
         source_size: the task's image side, which picks the resize ratio (default: small).
-        steps: schedule length (at ``batch_size``) instead of the published one; warm-up and decay
-            steps scale with it.
+        steps: schedule length (at ``batch_size``) instead of the published one (warm-up, decay scale).
         schedule_scale: multiplies the (published or given) length, warm-up and decay steps.
-        decay_at: fractions of training at which the learning rate drops ×0.1, instead of the
-            published steps.
+        decay_at: fractions of training at which the learning rate drops ×0.1 (default: published).
     """
     if num_train_examples < 1:
         raise ValueError("hyperrule: the training set is empty")
@@ -151,8 +148,7 @@ class Finetune(Protocol):
         position embeddings or class tokens.
     layer_decay: layer-wise lr decay (family; 1 = off): the head trains at ``lr``, the top block
         (with the final norm) at ``lr · layer_decay``, each block below at ``layer_decay`` times the
-        one above, the embeddings last. Needs a
-        backbone that groups its layers (``Backbone.group_matcher``: ViT, iGPT, timm transformers).
+        one above, the embeddings last. Needs grouped layers (``Backbone.group_matcher``: ViT, iGPT, timm's).
     drop_path: stochastic depth over the transformer blocks during fine-tuning (family).
     grad_clip: clip the global gradient norm (family; BiT: none).
     resize: training resize side before the random crop (published: image_size · 160/128).
@@ -166,8 +162,8 @@ class Finetune(Protocol):
         mirrored digit or letter is another symbol; turn on for natural images).
     test_crop: test on the centre crop of the image resized as in training, so that objects have
         the training scale (Touvron et al., 2019, "FixRes"); off: BiT's whole image at crop size.
-    generative_weight: iGPT's joint objective L_CLF + w · L_GEN (Chen et al., 2020, §3.4; they used 1)
-        for igpt or a causal lstm over pixels; 0 = off, the default (:class:`Classifier`).
+    generative_weight: iGPT's joint objective L_CLF + w · L_GEN (Chen et al., 2020, §3.4; :class:`Classifier`)
+        for igpt or a causal lstm over pixels; by default 1 for those (as iGPT), 0 = off for the rest.
     seed: data order, augmentation, MixUp and stochastic depth.
     precision: fp32, bf16 autocast, or auto (bf16 where the hardware runs it fast).
     deterministic: deterministic kernels on a GPU, so that a fine-tune gives the same bits every time
@@ -205,7 +201,7 @@ class Finetune(Protocol):
         translate: Annotated[int, Field(ge=0)] = 0,
         flip: bool = False,
         test_crop: bool = True,
-        generative_weight: Annotated[float, Field(ge=0)] = 0.0,
+        generative_weight: Annotated[float, Field(ge=0)] | None = None,
         seed: int = 0,
         precision: Literal["fp32", "bf16", "auto"] = "fp32",
         deterministic: bool = False,
@@ -247,6 +243,10 @@ class Finetune(Protocol):
         defaults = FAMILY_DEFAULTS[family]
         return {k: defaults[k] if getattr(self, k) is None else getattr(self, k) for k in defaults}
 
+    def joint_weight(self, backbone: Backbone) -> float:
+        """``generative_weight`` as given, else 1 for a causal pixel-token backbone, 0 for the rest."""
+        return float(has_pixel_tokens(backbone)) if self.generative_weight is None else self.generative_weight
+
     def schedule(self, num_train_examples: int, image_size: int, source_size: int,
                  family: str = "convnet") -> Schedule:
         """:func:`hyperrule` for the task, with this protocol's overrides and ``family``'s defaults applied."""
@@ -273,8 +273,7 @@ class Finetune(Protocol):
         fam = self.family_settings(backbone.family)
         identity = self.identity(backbone, train, seed, s)
         run_dir = self._run_dir(identity)
-        log_every = max(1, s.steps // 20)
-        dtype = autocast_dtype(self.precision, dev)
+        log_every, dtype = max(1, s.steps // 20), autocast_dtype(self.precision, dev)
         loop = Loop(steps=s.steps, seed=seed, grad_clip=fam["grad_clip"], dtype=dtype,
                     deterministic=self.deterministic, run_dir=run_dir,
                     checkpoint_every=self.checkpoint_every or max(1, s.steps // 10),
@@ -285,7 +284,7 @@ class Finetune(Protocol):
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)  # stochastic depth and the like draw from the global RNG
             model = Classifier(copy.deepcopy(backbone), train.num_classes, s, self.flip, self.test_crop,
-                               self.generative_weight).to(dev).train()
+                               self.joint_weight(backbone)).to(dev).train()
             model.backbone.set_drop_path(fam["drop_path"])
             opt = optimiser(model, s, fam)
             out = fit(model, opt, s.lr_at, lambda start: batches(train, s.batch_size, seed, start, s.steps), loop,
@@ -301,9 +300,10 @@ class Finetune(Protocol):
         ``checkpoint_every``, ``eval_batch_size`` and ``deterministic``, which change neither the weights
         nor the score beyond a GPU's last bits), the task (its class count and names, and a hash of its
         images and labels) and the starting weights (a hash of the backbone's state dict: the source checkpoint)."""
-        settings = {k: v for k, v in vars(self).items() if k not in ("checkpoint_dir", "checkpoint_every",
-                                                                      "eval_batch_size", "deterministic")}
-        settings.update(self.family_settings(backbone.family), family=backbone.family)
+        skip = ("checkpoint_dir", "checkpoint_every", "eval_batch_size", "deterministic")
+        settings = {k: v for k, v in vars(self).items() if k not in skip}
+        settings.update(self.family_settings(backbone.family), family=backbone.family,
+                        generative_weight=self.joint_weight(backbone))
         state = sorted(backbone.state_dict().items())
         identity = {"schedule": s.as_dict(), **settings, "seed": seed,
                     "task": {"num_classes": train.num_classes, "classes": [str(c) for c in train.classes or []],
@@ -337,7 +337,7 @@ class Finetune(Protocol):
         return {"top1": 100.0 * (pred == test.targets).float().mean().item(), "train_loss": model.train_loss,
                 "schedule": s.as_dict(),
                 "optimizer": {"family": backbone.family, "batch_size": self.batch_size,
-                              **self.family_settings(backbone.family)}}
+                              **self.family_settings(backbone.family), "generative_weight": model.generative_weight}}
 
 
 def optimiser(model: Classifier, s: Schedule, settings: dict[str, Any]) -> torch.optim.Optimizer:

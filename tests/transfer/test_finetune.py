@@ -499,6 +499,23 @@ def test_generative_weight_needs_a_causal_token_model():
     assert Classifier(LSTM(8, 1, 1, hidden=8, causal=True, colours=4), 10, s, generative_weight=1.0).gen_head
 
 
+def test_generative_weight_defaults_to_igpts_joint_objective_on_pixel_token_models_only():
+    """Unset, w is 1 where the backbone predicts pixels (measured: pixel-lstm 98.41 → 98.88 on MNIST) and
+    0 elsewhere; the default and the same value given are one fine-tune (one identity: each resumes the other)."""
+    from bigmodel.architectures.lstm import LSTM
+    train = digits("train")
+    cases = [(_igpt(), 1.0), (LSTM(8, 1, 1, hidden=8, causal=True, colours=4), 1.0), (LSTM(16, 4, 1), 0.0),
+             (_vit(), 0.0)]
+    for bb, w in cases:
+        default, given = Finetune(steps=2), Finetune(steps=2, generative_weight=w)
+        s = default.schedule(len(train), bb.image_size, 8, bb.family)
+        assert default.joint_weight(bb) == w and default.identity(bb, train, 0, s)["generative_weight"] == w
+        assert default.identity(bb, train, 0, s) == given.identity(bb, train, 0, s)
+    assert Finetune(generative_weight=0).joint_weight(_igpt()) == 0.0  # given, it is used as given
+    model, _ = Finetune(steps=1, batch_size=8).fit(_igpt(), train, console=Console(quiet=True))
+    assert model.gen_head is not None and model.generative_weight == 1.0
+
+
 def test_a_generative_finetune_trains_both_heads_at_the_full_lr_and_resumes_exactly(monkeypatch, tmp_path):
     from bigmodel.transfer.finetune import optimiser
     bb, train = _igpt(), digits("train")

@@ -74,7 +74,7 @@ def test_suite_over_digits_and_mnist_end_to_end(tiny_run, mnist_npz, tmp_path):
     assert finetune["results"]["pretrained"]["schedule"]["steps"] == 4
     assert finetune["results"]["pretrained"]["schedule"]["resize"] == 16  # a ViT trains on the whole image
     assert finetune["results"]["pretrained"]["optimizer"] == {"family": "transformer", **FAMILY_DEFAULTS["transformer"],
-                                                              "batch_size": 16}  # the suite's, over the family's
+                                                              "batch_size": 16, "generative_weight": 0.0}  # the suite's
 
 
 def _one(run, pattern):
