@@ -1,6 +1,6 @@
 """Fine-tuning settings side by side on one checkpoint: MNIST's first N train / M test images, one
-finetune protocol per JSON argument (its keys; ``"_twin": true`` fine-tunes the random-init twin;
-``"_feature_layer": N`` reads iGPT's features after block N instead of its recipe's ``feature_layer``).
+finetune protocol per JSON argument (its keys; ``"_twin": true`` fine-tunes the random-init twin).
+Results taken before ``feature_layer`` was a protocol key wrote it ``"_feature_layer"``, the same setting.
 
     python benchmarks/finetune_sweep.py runs/mae-vit 10000 2000 '{"steps": 150, "batch_size": 128}' \
         '{"steps": 150, "batch_size": 128, "optimizer": "sgd", "base_lr": 0.4, "grad_clip": 1.0}'
@@ -9,7 +9,6 @@ Prints one JSON line per setting (top-1 on the M test images, mean training loss
 seconds). Results: benchmarks/results/finetune_families.md.
 """
 
-import copy
 import json
 import os
 import sys
@@ -31,14 +30,10 @@ tr = data_base.materialize(DATASETS.build("npz", split="train", path=mnist, limi
 te = data_base.materialize(DATASETS.build("npz", split="test", path=mnist, limit=nte))
 for cfg in sys.argv[4:]:
     cfg = json.loads(cfg)
-    which, layer = cfg.pop("_twin", False), cfg.pop("_feature_layer", None)
-    subject = twin if which else net
-    if layer is not None:
-        subject = copy.deepcopy(subject)
-        subject.feature_layer = layer
+    which = cfg.pop("_twin", False)
     t = time.perf_counter()
     ft = PROTOCOLS.build("finetune", **cfg)  # validated as a recipe's keys are
-    r = ft.run(subject, tr, te)
-    shown = {"twin": which, **({"feature_layer": layer} if layer is not None else {}), **cfg}
+    r = ft.run(twin if which else net, tr, te)
+    shown = {"twin": which, **cfg}
     print(json.dumps({**shown, "top1": round(r["top1"], 2), "loss": round(r["train_loss"], 3),
                       "s": round(time.perf_counter() - t)}), flush=True)

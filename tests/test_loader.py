@@ -109,6 +109,7 @@ def test_a_generative_finetune_of_igpt_loads_with_its_next_pixel_head(tmp_path):
     (folder,) = (tmp_path / "ft").iterdir()
     m = loader.load(folder, device="cpu")
     assert m.kind == "finetune" and m.objective.generative_weight == 1.0
+    assert (net.feature_layer, m.objective.backbone.feature_layer) == (2, 4)  # probes the middle, fine-tunes all
     saved = checkpoint.read_weights(m.checkpoint)
     assert "gen_head.weight" in saved and all(torch.equal(saved[k], v) for k, v in m.objective.state_dict().items())
     u8 = train.images[:4]

@@ -1,26 +1,12 @@
-"""Full fine-tuning with BiT-HyperRule (Kolesnikov et al., 2020, "Big Transfer (BiT): General Visual
-Representation Learning", arXiv:1912.11370, §3.3 and the ``bit_hyperrule.py`` of its code release).
+"""Full fine-tuning with BiT-HyperRule (Kolesnikov et al., 2020, "Big Transfer (BiT)", arXiv:1912.11370;
+the rule itself, a pure function of the task's size: :func:`bigmodel.transfer.hyperrule.hyperrule`).
 
 A copy of the backbone gets a new zero-initialised linear head for the task (:class:`Classifier`,
 an objective: views → ``{"loss", "acc"}``) and every weight is trained by the framework's one
 training loop (:func:`bigmodel.train.trainer.fit`: the same step, autocast, non-finite check,
 progress line, checkpoints and resume as pretraining). The caller's backbone is never touched.
-The schedule comes from :func:`hyperrule`, a pure function of the task's size, so it is testable
-and recorded with the result:
-
-- SGD, momentum 0.9, no weight decay, batch 512, learning rate 0.003 · batch / 512;
-- tasks with < 20k training images: 500 steps, linear warm-up over 100, learning rate ÷10 at
-  steps 200, 300 and 400; < 500k: 10k steps, warm-up 500, ÷10 at 3k, 6k, 9k; more: 20k steps,
-  warm-up 500, ÷10 at 6k, 12k, 18k;
-- MixUp (Zhang et al., 2018) with α = 0.1 from 20k training images on, none below;
-- resolution: BiT resizes images smaller than 96² pixels to 160² and takes random 128² crops
-  (larger ones: 512² → 480²), and tests at the crop size. A ViT's input size is fixed by its
-  position embeddings, so here the rule keeps the *ratio*: train on random ``image_size`` crops
-  of the image resized to ``round(image_size · 160/128)`` (``· 512/480`` for sources ≥ 96²); BiT
-  tests on the whole image resized to ``image_size`` (``test_crop=false``).
-
-Every value can be overridden by a protocol key; ``steps`` or ``schedule_scale`` shorten the whole
-schedule proportionally (warm-up and decay steps included) for tests and CPU runs.
+Every value of the rule can be overridden by a protocol key; ``steps`` or ``schedule_scale`` shorten
+the whole schedule proportionally (warm-up and decay steps included) for tests and CPU runs.
 
 Four defaults differ from BiT: the learning rate (``base_lr`` 0.4 at batch 512; BiT's 0.003 leaves
 schedules of a few hundred steps near chance), the batch (128: the published images in 4× the steps;
@@ -36,7 +22,8 @@ defaults (``Backbone.family``) in one place; every key is a protocol setting, so
 overrides it. The schedule's length, warm-up and MixUp are BiT-HyperRule's for every family; its
 decay (BiT's ÷10 steps or a cosine) and the training view (BiT's upscale-then-crop or the whole image)
 are family keys; causal pixel-token backbones (igpt, a causal lstm) add iGPT's next-pixel loss
-(``generative_weight``). Measurements: ``benchmarks/results/finetune_lr.md``, ``finetune_families.md``.
+(``generative_weight``), and igpt fine-tunes through all its blocks (``feature_layer``), as iGPT does.
+Measurements: ``benchmarks/results/finetune_lr.md``, ``finetune_families.md``.
 """
 
 from __future__ import annotations
@@ -45,7 +32,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -67,13 +53,8 @@ from bigmodel.train.metrics import read_metrics
 from bigmodel.train.precision import autocast_dtype
 from bigmodel.train.trainer import Loop, fit
 from bigmodel.transfer.base import Protocol
+from bigmodel.transfer.hyperrule import hyperrule
 
-# (upper bound on training-set size, name, steps, warm-up steps, lr ÷10 steps): BiT-HyperRule's
-# small / medium / large tasks, as published.
-REGIMES = ((20_000, "small", 500, 100, (200, 300, 400)),
-           (500_000, "medium", 10_000, 500, (3_000, 6_000, 9_000)),
-           (math.inf, "large", 20_000, 500, (6_000, 12_000, 18_000)))
-BASE_LR, BASE_BATCH = 0.003, 512  # BiT's learning rate at its batch size
 DEFAULT_BASE_LR = 0.4  # this protocol's default at batch 512 (0.1 at 128): benchmarks/results/finetune_lr.md
 # Every family takes the published images in batches of 128, not BiT's 512: at 512 a short fine-tune is
 # short of updates (MNIST, same images: a tiny ViT 97.36 → 98.14 %, pixel-lstm 97.89 → 98.59 %, a
@@ -90,41 +71,6 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "recurrent": {"optimizer": "adamw", "base_lr": 8e-3, "decay": "cosine",
                   "weight_decay": 0.05, "layer_decay": 1.0, "drop_path": 0.0, "grad_clip": 1.0, "bit_crop": False},
 }
-MIXUP_FROM, MIXUP_ALPHA = 20_000, 0.1
-SMALL_AREA = 96 * 96
-RESIZE_SMALL, RESIZE_LARGE = 160 / 128, 512 / 480
-
-
-def hyperrule(num_train_examples: int, batch_size: int = BASE_BATCH, image_size: int = 128,
-              source_size: int | None = None, *, base_lr: float = BASE_LR, steps: int | None = None,
-              schedule_scale: float = 1.0, decay_at: tuple[float, ...] | None = None) -> Schedule:
-    """BiT-HyperRule for a task of ``num_train_examples`` images.
-
-    Args:
-        batch_size: the learning rate is ``base_lr · batch_size / 512``, and the published length
-            (steps at batch 512) becomes ``published · 512 / batch_size``: the same images at any
-            batch, as the linear scaling rule has it (Goyal et al., 2017).
-        image_size: the backbone's input side (the crop and test size).
-        source_size: the task's image side, which picks the resize ratio (default: small).
-        steps: schedule length (at ``batch_size``) instead of the published one (warm-up, decay scale).
-        schedule_scale: multiplies the (published or given) length, warm-up and decay steps.
-        decay_at: fractions of training at which the learning rate drops ×0.1 (default: published).
-    """
-    if num_train_examples < 1:
-        raise ValueError("hyperrule: the training set is empty")
-    regime, published, warmup, decays = next(r[1:] for r in REGIMES if num_train_examples < r[0])
-    length = published * BASE_BATCH / batch_size if steps is None else steps
-    total = max(1, round(length * schedule_scale))
-    fractions = tuple(d / published for d in decays) if decay_at is None else tuple(decay_at)
-    small = source_size is None or source_size * source_size < SMALL_AREA
-    return Schedule(
-        regime=regime, steps=total, batch_size=batch_size, lr=base_lr * batch_size / BASE_BATCH,
-        warmup_steps=max(0, min(total - 1, round(warmup * total / published))),
-        decay_steps=tuple(round(f * total) for f in fractions), decay_factor=0.1,
-        mixup_alpha=MIXUP_ALPHA if num_train_examples >= MIXUP_FROM else 0.0, momentum=0.9, weight_decay=0.0,
-        resize=round(image_size * (RESIZE_SMALL if small else RESIZE_LARGE)), crop=image_size, test_size=image_size,
-    )
-
 
 @PROTOCOLS.register("finetune")
 class Finetune(Protocol):
@@ -164,6 +110,8 @@ class Finetune(Protocol):
         the training scale (Touvron et al., 2019, "FixRes"); off: BiT's whole image at crop size.
     generative_weight: iGPT's joint objective L_CLF + w · L_GEN (Chen et al., 2020, §3.4; :class:`Classifier`)
         for igpt or a causal lstm over pixels; by default 1 for those (as iGPT), 0 = off for the rest.
+    feature_layer: the blocks of igpt the fine-tune runs; by default all of them, as iGPT fine-tunes (the
+        architecture's ``feature_layer``, the middle block by default, is where its frozen probes read).
     seed: data order, augmentation, MixUp and stochastic depth.
     precision: fp32, bf16 autocast, or auto (bf16 where the hardware runs it fast).
     deterministic: deterministic kernels on a GPU, so that a fine-tune gives the same bits every time
@@ -202,6 +150,7 @@ class Finetune(Protocol):
         flip: bool = False,
         test_crop: bool = True,
         generative_weight: Annotated[float, Field(ge=0)] | None = None,
+        feature_layer: Annotated[int, Field(ge=1)] | None = None,
         seed: int = 0,
         precision: Literal["fp32", "bf16", "auto"] = "fp32",
         deterministic: bool = False,
@@ -230,6 +179,7 @@ class Finetune(Protocol):
         self.flip = flip
         self.test_crop = test_crop
         self.generative_weight = generative_weight
+        self.feature_layer = feature_layer
         self.seed = seed
         self.precision = precision
         self.deterministic = deterministic
@@ -246,6 +196,17 @@ class Finetune(Protocol):
     def joint_weight(self, backbone: Backbone) -> float:
         """``generative_weight`` as given, else 1 for a causal pixel-token backbone, 0 for the rest."""
         return float(has_pixel_tokens(backbone)) if self.generative_weight is None else self.generative_weight
+
+    def blocks_run(self, backbone: Backbone) -> int | None:
+        """``feature_layer`` as given, else igpt's depth; ``None`` for a backbone that has no such layer."""
+        if not hasattr(backbone, "feature_layer"):
+            if self.feature_layer is not None:
+                raise ValueError(f"finetune: feature_layer={self.feature_layer} needs a backbone whose features "
+                                 f"stop at a block (igpt); {type(backbone).__name__} has none: leave it unset")
+            return None
+        if (self.feature_layer or 0) > len(backbone.blocks):
+            raise ValueError(f"finetune: feature_layer={self.feature_layer} exceeds the depth ({len(backbone.blocks)})")
+        return self.feature_layer or len(backbone.blocks)
 
     def schedule(self, num_train_examples: int, image_size: int, source_size: int,
                  family: str = "convnet") -> Schedule:
@@ -269,6 +230,11 @@ class Finetune(Protocol):
         ``checkpoint_dir`` when it holds this fine-tune); returns the model (eval mode) and its schedule."""
         seed = self.seed if seed is None else seed
         dev = next(backbone.parameters()).device
+        backbone = copy.deepcopy(backbone)  # the caller's is never touched
+        if (layer := self.blocks_run(backbone)) is not None:
+            backbone.feature_layer = layer
+            if isinstance(getattr(backbone, "architecture", None), dict):  # what a saved fine-tune rebuilds
+                backbone.architecture = {**backbone.architecture, "feature_layer": layer}
         s = self.schedule(len(train), backbone.image_size, train.image_size, backbone.family)
         fam = self.family_settings(backbone.family)
         identity = self.identity(backbone, train, seed, s)
@@ -283,7 +249,7 @@ class Finetune(Protocol):
             check_resumable(run_dir, identity)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)  # stochastic depth and the like draw from the global RNG
-            model = Classifier(copy.deepcopy(backbone), train.num_classes, s, self.flip, self.test_crop,
+            model = Classifier(backbone, train.num_classes, s, self.flip, self.test_crop,
                                self.joint_weight(backbone)).to(dev).train()
             model.backbone.set_drop_path(fam["drop_path"])
             opt = optimiser(model, s, fam)
@@ -300,10 +266,12 @@ class Finetune(Protocol):
         ``checkpoint_every``, ``eval_batch_size`` and ``deterministic``, which change neither the weights
         nor the score beyond a GPU's last bits), the task (its class count and names, and a hash of its
         images and labels) and the starting weights (a hash of the backbone's state dict: the source checkpoint)."""
-        skip = ("checkpoint_dir", "checkpoint_every", "eval_batch_size", "deterministic")
+        skip = ("checkpoint_dir", "checkpoint_every", "eval_batch_size", "deterministic", "feature_layer")
         settings = {k: v for k, v in vars(self).items() if k not in skip}
         settings.update(self.family_settings(backbone.family), family=backbone.family,
                         generative_weight=self.joint_weight(backbone))
+        if (layer := self.blocks_run(backbone)) is not None:  # igpt alone: other identities stay as they were
+            settings["feature_layer"] = layer
         state = sorted(backbone.state_dict().items())
         identity = {"schedule": s.as_dict(), **settings, "seed": seed,
                     "task": {"num_classes": train.num_classes, "classes": [str(c) for c in train.classes or []],
@@ -337,7 +305,8 @@ class Finetune(Protocol):
         return {"top1": 100.0 * (pred == test.targets).float().mean().item(), "train_loss": model.train_loss,
                 "schedule": s.as_dict(),
                 "optimizer": {"family": backbone.family, "batch_size": self.batch_size,
-                              **self.family_settings(backbone.family), "generative_weight": model.generative_weight}}
+                              **self.family_settings(backbone.family), "generative_weight": model.generative_weight,
+                              **({} if (layer := self.blocks_run(backbone)) is None else {"feature_layer": layer})}}
 
 
 def optimiser(model: Classifier, s: Schedule, settings: dict[str, Any]) -> torch.optim.Optimizer:
