@@ -302,11 +302,12 @@ class Finetune(Protocol):
     def run(self, backbone: Backbone, train: TensorImages, test: TensorImages) -> dict[str, Any]:
         model, s = self.fit(backbone, train)
         pred = self.predict_proba(model, test).argmax(1)
+        optimizer = {"family": backbone.family, "batch_size": self.batch_size, **self.family_settings(backbone.family),
+                     "generative_weight": model.generative_weight}
+        if (layer := getattr(model.backbone, "feature_layer", None)) is not None:  # the blocks that ran (igpt)
+            optimizer["feature_layer"] = layer
         return {"top1": 100.0 * (pred == test.targets).float().mean().item(), "train_loss": model.train_loss,
-                "schedule": s.as_dict(),
-                "optimizer": {"family": backbone.family, "batch_size": self.batch_size,
-                              **self.family_settings(backbone.family), "generative_weight": model.generative_weight,
-                              **({} if (layer := self.blocks_run(backbone)) is None else {"feature_layer": layer})}}
+                "schedule": s.as_dict(), "optimizer": optimizer}
 
 
 def optimiser(model: Classifier, s: Schedule, settings: dict[str, Any]) -> torch.optim.Optimizer:
